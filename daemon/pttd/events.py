@@ -1,0 +1,49 @@
+"""The event vocabulary of the interface contract (design.md, "Events").
+
+Every output (stdout, journald, control-socket subscribers, kiosk, MQTT) receives the same
+plain dicts built here, so the wire shape lives in one place.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+
+class State(str, enum.Enum):
+    """The controller's lifecycle states; the value is the contract's spelling."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    LISTENING = "listening"
+    FINALIZING = "finalizing"
+    ERROR = "error"
+    OFFLINE = "offline"
+
+
+def state_event(state: State, ts: float | None = None) -> dict:
+    return {"event": "state", "state": State(state).value, "ts": _ts(ts)}
+
+
+def partial_event(text: str, turn_order: int, session_id: str, ts: float | None = None) -> dict:
+    return {"event": "partial", "text": text, "turn_order": turn_order,
+            "session_id": session_id, "ts": _ts(ts)}
+
+
+def final_event(text: str, turn_order: int, session_id: str, press_id: int,
+                audio_ms: int, latency_ms: int, ts: float | None = None, **extra) -> dict:
+    """A delivered final turn. ``extra`` carries compatible additions (e.g. ``late``, ``gap_ms``)."""
+    event = {"event": "final", "text": text, "turn_order": turn_order, "session_id": session_id,
+             "press_id": press_id, "audio_ms": int(audio_ms), "latency_ms": int(latency_ms),
+             "ts": _ts(ts)}
+    event.update(extra)
+    return event
+
+
+def error_event(code: int | None, message: str, retry_in_s: float | None = None,
+                ts: float | None = None) -> dict:
+    return {"event": "error", "code": code, "message": message,
+            "retry_in_s": None if retry_in_s is None else float(retry_in_s), "ts": _ts(ts)}
+
+
+def _ts(ts: float | None) -> float:
+    return time.time() if ts is None else float(ts)
