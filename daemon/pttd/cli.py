@@ -1,0 +1,174 @@
+"""The ``pttd`` command line (design.md, "CLI"): exit 0 ok, 2 a problem to fix, 1 runtime failure.
+
+User mistakes end in one ``pttd: error: ...`` line, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import ConfigError, config_path, load_config
+
+log = logging.getLogger("pttd")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+CONTROL_COMMANDS = ("press", "release", "toggle", "cancel", "status")
+
+
+class UsageError(Exception):
+    """Exit 2 with this message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pttd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pttd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def with_config(p):
+        p.add_argument("-c", "--config", metavar="FILE",
+                       help="config file (default: $PTTD_CONFIG, else /etc/pttd/pttd.toml)")
+        return p
+
+    with_config(sub.add_parser("run", help="the daemon (what systemd runs)"))
+    demo = sub.add_parser("demo", help="the whole pipeline offline: no Pi, mic, key or internet")
+    demo.add_argument("--jsonl", action="store_true", help="print the contract's JSON events")
+    with_config(sub.add_parser("check", help="self-test: config, mic, GPIO, server and key"))
+    for name in CONTROL_COMMANDS:
+        p = with_config(sub.add_parser(name, help=f"send {name!r} to the running daemon"))
+        p.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
+    ev = with_config(sub.add_parser("events", help="print the daemon's events as JSON lines"))
+    ev.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
+    rec = with_config(sub.add_parser("record", help="record exactly what would be sent"))
+    rec.add_argument("--seconds", type=float, required=True, metavar="N")
+    rec.add_argument("out", metavar="OUT.wav")
+    local = sub.add_parser("serve-local", help="the offline v3-compatible engine")
+    local.add_argument("--host", default="127.0.0.1")
+    local.add_argument("--port", type=int, default=8765)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UsageError) as exc:
+        print(f"pttd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # a bug: one line for the user, the traceback with -v
+        log.debug("internal error", exc_info=True)
+        print(f"pttd: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def setup_logging(verbose: bool) -> None:
+    from .outputs import journal_logging_handler, journal_stream_matches
+
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(level)
+    if journal_stream_matches():
+        handler = journal_logging_handler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pttd: %(levelname)s: %(message)s"))
+    root.handlers[:] = [handler]
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def _load(args):
+    return load_config(config_path(getattr(args, "config", None)))
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from .daemon import StartupError, run
+
+    cfg = _load(args)
+    try:
+        return run(cfg)
+    except StartupError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_control(args) -> int:
+    from .control import ControlError, request
+
+    path = _socket_path(args)
+    try:
+        reply = request(path, args.command)
+    except ControlError as exc:
+        print(f"pttd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(json.dumps(reply))
+    return EXIT_OK if reply.get("ok") else EXIT_RUNTIME
+
+
+def cmd_events(args) -> int:
+    from .control import ControlError, subscribe
+
+    path = _socket_path(args)
+    try:
+        for event in subscribe(path):
+            sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+    except ControlError as exc:
+        print(f"pttd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except BrokenPipeError:
+        pass
+    return EXIT_OK
+
+
+def _socket_path(args) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    path = config_path(getattr(args, "config", None))
+    cfg = load_config(path, require_file=getattr(args, "config", None) is not None
+                      or "PTTD_CONFIG" in os.environ)
+    return cfg.control.socket
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(jsonl=args.jsonl)
+
+
+def cmd_check(args) -> int:
+    from .check import run_check
+
+    return run_check(_load(args))
+
+
+def cmd_record(args) -> int:
+    from .record import run_record
+
+    if args.seconds <= 0:
+        raise UsageError("--seconds must be positive")
+    return run_record(_load(args), args.seconds, args.out)
+
+
+def cmd_serve_local(args) -> int:
+    from .local_engine import serve
+
+    return serve(args.host, args.port)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "check": cmd_check, "events": cmd_events,
+            "record": cmd_record, "serve-local": cmd_serve_local,
+            **{name: cmd_control for name in CONTROL_COMMANDS}}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

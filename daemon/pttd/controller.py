@@ -1,0 +1,527 @@
+"""The one thread that owns pttd's state: presses, sessions, turns, and what the user is told.
+
+Everything else (button, control socket, session threads, streamers, the capture source) only
+puts items on this controller's bounded queue. Each press gets its own streamer and, unless a
+warm session is idle, its own session, so a press while the previous turn is finalizing starts
+a new turn without touching the old one. A press whose session fails before its final is
+replayed from the ring buffer on a new session, from just after the last word already delivered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import events, protocol
+from .events import State
+from .protocol import Begin, FinalTurn, Turn
+from .session import Session, SessionClosed
+from .streamer import StreamDone, StreamFailed, Streamer
+
+log = logging.getLogger(__name__)
+
+QUEUE_BOUND = 1024
+
+
+# --- queue items ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    name: str            # press | release | toggle | cancel
+    source: str = "control"
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    session: Session
+    event: object
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    kind: str            # online | offline | xrun
+    message: str
+
+
+@dataclass(frozen=True)
+class _Stop:
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the controller needs from the config (plain values, so tests can build it)."""
+
+    sample_rate: int = 16000
+    chunk_ms: int = 50
+    preroll_ms: int = 500
+    postroll_ms: int = 300
+    keep_warm_s: float = 0.0
+    button_mode: str = "hold"
+    final_timeout_s: float = 10.0      # ForceEndpoint -> end-of-turn Turn, bounded
+    empty_final_timeout_s: float = 2.0  # the same, when no speech was heard in the press
+    max_connect_attempts: int = 8
+
+
+# --- per-press bookkeeping -----------------------------------------------------------------------
+
+@dataclass
+class Press:
+    press_id: int
+    start_pos: int
+    pressed_at: float
+    released_at: float | None = None
+    end_pos: int | None = None           # requested end (release + post-roll)
+    session: Session | None = None
+    streamer: Streamer | None = None
+    stream_base_ms: float = 0.0          # session stream time at this press's first sample
+    replay_pos: int | None = None        # ring position to resume from after a failure
+    attempts: int = 0
+    retry_at: float | None = None
+    fe_sent_at: float | None = None
+    final_deadline: float | None = None
+    heard_speech: bool = False
+    last_partial: str = ""
+    finals: int = 0
+    cancelled: bool = False
+    done: bool = False
+    lost_samples: int = 0
+    audio_ms: float = 0.0
+
+    @property
+    def released(self) -> bool:
+        return self.released_at is not None
+
+
+class Controller:
+    """Runs on its own thread; the public methods are safe to call from any thread."""
+
+    def __init__(self, *, ring, settings: Settings, session_factory: Callable[..., Session],
+                 emit: Callable[[dict], None], on_state: Callable[[State, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
+        self.ring = ring
+        self.s = settings
+        self._new_session = session_factory
+        self._emit = emit
+        self._on_state = on_state
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._q: queue.Queue = queue.Queue(maxsize=QUEUE_BOUND)
+        self._thread = threading.Thread(target=self._main, name="controller", daemon=True)
+        self._presses: list[Press] = []
+        self._press_counter = 0
+        self._warm: Session | None = None
+        self._closing: set[Session] = set()
+        self._warm_until: float | None = None
+        self._auth_blocked = False
+        self._mic_offline: str | None = None
+        self._toggled_on = False
+        self._stopping: _Stop | None = None
+        self.state = State.IDLE
+        self.state_detail = ""
+        self.last_final: dict | None = None
+        self.dropped_items = 0
+
+    # --- thread-safe entry points ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._emit(events.state_event(self.state))
+        self._thread.start()
+
+    def post(self, item: object) -> bool:
+        """Enqueue from any thread; never blocks. Overflow drops the item and counts it."""
+        try:
+            self._q.put_nowait(item)
+            return True
+        except queue.Full:
+            self.dropped_items += 1
+            log.error("controller queue full: dropped %s", type(item).__name__)
+            return False
+
+    def command(self, name: str, source: str = "control") -> dict:
+        """The control socket's handler: enqueue a command, or read the published state."""
+        if name == "status":
+            return {"ok": True, "state": self.state.value, "detail": self.state_detail,
+                    "last_final": self.last_final}
+        if name not in ("press", "release", "toggle", "cancel"):
+            return {"ok": False, "error": f"unknown command {name!r}"}
+        if not self.post(Command(name, source)):
+            return {"ok": False, "error": "pttd is overloaded; command dropped"}
+        return {"ok": True}
+
+    def on_session_event(self, session: Session, event: object) -> None:
+        self.post(SessionEvent(session, event))
+
+    def on_source_status(self, kind: str, message: str) -> None:
+        self.post(SourceStatus(kind, message))
+
+    def stop(self, timeout: float = 4.0) -> None:
+        """Finish cleanly: skip post-roll, ForceEndpoint, wait (bounded) for finals, Terminate."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._q.put(_Stop(deadline), timeout=0.5)
+        except queue.Full:
+            log.error("controller queue full at stop")
+        self._thread.join(max(0.1, deadline - time.monotonic() + 0.5))
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        while True:
+            timeout = self._next_deadline()
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None:
+                    self._handle(item)
+                self._check_deadlines()
+            except Exception:
+                log.exception("controller error (carrying on)")
+            if self._stopping is not None and self._stop_complete():
+                self._shutdown_sessions()
+                return
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, Command):
+            self._on_command(item)
+        elif isinstance(item, SessionEvent):
+            self._on_session(item.session, item.event)
+        elif isinstance(item, StreamDone):
+            self._on_stream_done(item)
+        elif isinstance(item, StreamFailed):
+            log.error("streaming failed: %s", item.reason)
+        elif isinstance(item, SourceStatus):
+            self._on_source(item)
+        elif isinstance(item, _Stop):
+            self._begin_stop(item)
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def _on_command(self, cmd: Command) -> None:
+        if self._stopping is not None:
+            return
+        name = cmd.name
+        if cmd.source == "button" and self.s.button_mode == "toggle":
+            if name == "release":
+                return
+            name = "toggle"
+        if name == "toggle":
+            name = "release" if self._active() and not self._active().released else "press"
+        if name == "press":
+            self._press(cmd.at)
+        elif name == "release":
+            self._release(cmd.at)
+        elif name == "cancel":
+            self._cancel()
+
+    def _active(self) -> Press | None:
+        """The newest press that is not yet released (at most one)."""
+        for p in reversed(self._presses):
+            if not p.released and not p.done:
+                return p
+        return None
+
+    def _press(self, at: float) -> None:
+        if self._active() is not None:
+            return  # already held: a second press is a bounce or a duplicate
+        preroll = self.s.preroll_ms * self.s.sample_rate // 1000
+        start = max(self.ring.start, self.ring.end - preroll)
+        previous = self._presses[-1] if self._presses else None
+        if previous is not None and previous.end_pos is not None:
+            start = max(start, previous.streamer.end if previous.streamer and previous.streamer.end
+                        else previous.end_pos)
+        self._press_counter += 1
+        press = Press(self._press_counter, start, at)
+        self._presses.append(press)
+        self._auth_blocked = False  # an explicit press earns one more try after a 1008
+        self._open_session(press)
+        self._refresh_state()
+
+    def _release(self, at: float) -> None:
+        press = self._active()
+        if press is None:
+            return
+        press.released_at = at
+        postroll = self.s.postroll_ms * self.s.sample_rate // 1000
+        press.end_pos = self.ring.end + postroll
+        if press.streamer is not None:
+            press.streamer.finish(press.end_pos)
+        self._refresh_state()
+
+    def _cancel(self) -> None:
+        for press in self._presses:
+            if not press.done:
+                press.cancelled = True
+                self._finish_press(press, terminate=True)
+        self._refresh_state()
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    def _open_session(self, press: Press) -> None:
+        if self._warm is not None and self._warm.is_open:
+            session, self._warm, self._warm_until = self._warm, None, None
+            press.session = session
+            press.stream_base_ms = protocol.frame_ms(session.audio_bytes_sent, self.s.sample_rate)
+            self._start_streaming(press)
+            return
+        press.attempts += 1
+        press.retry_at = None
+        session = self._new_session(on_event=self.on_session_event)
+        press.session = session
+        session.start()
+
+    def _press_of(self, session: Session) -> Press | None:
+        for p in self._presses:
+            if p.session is session:
+                return p
+        return None
+
+    def _on_session(self, session: Session, event: object) -> None:
+        press = self._press_of(session)
+        if isinstance(event, Begin):
+            if press is not None and not press.done:
+                press.stream_base_ms = 0.0
+                self._start_streaming(press)
+                self._refresh_state()
+            elif session is not self._warm:
+                session.close(0)
+        elif isinstance(event, Turn):
+            if press is not None and not press.cancelled and event.text != press.last_partial:
+                press.heard_speech = press.heard_speech or bool(event.text)
+                press.last_partial = event.text
+                if event.text:
+                    self._emit(events.partial_event(event.text, event.turn_order, session.id or ""))
+        elif isinstance(event, FinalTurn):
+            self._on_final(press, session, event)
+        elif isinstance(event, SessionClosed):
+            self._on_closed(press, session, event)
+
+    def _start_streaming(self, press: Press) -> None:
+        start = press.replay_pos if press.replay_pos is not None else press.start_pos
+        chunk = self.s.chunk_ms * self.s.sample_rate // 1000
+        streamer = Streamer(self.ring, press.session, start, chunk, post=self.post,
+                            sample_rate=self.s.sample_rate, name=f"streamer-{press.press_id}")
+        press.streamer = streamer
+        if press.replay_pos is not None:
+            # replayed audio restarts the session's stream clock at the replay point
+            press.stream_base_ms -= (start - press.start_pos) * 1000 / self.s.sample_rate
+        if press.end_pos is not None:
+            streamer.finish(press.end_pos)
+        streamer.start()
+
+    def _on_stream_done(self, done: StreamDone) -> None:
+        press = next((p for p in self._presses if p.streamer is done.streamer), None)
+        if press is None or press.done:
+            return
+        press.lost_samples += done.lost_samples
+        press.audio_ms = (done.streamer.end - press.start_pos) * 1000 / self.s.sample_rate
+        press.fe_sent_at = done.force_endpoint_at
+        wait = self.s.final_timeout_s if press.heard_speech else self.s.empty_final_timeout_s
+        press.final_deadline = self._clock() + wait
+
+    def _on_final(self, press: Press | None, session: Session, final: FinalTurn) -> None:
+        turn = final.turn
+        if press is None or press.cancelled:
+            log.info("dropping a final of a cancelled or unknown press")
+            return
+        now_wall = time.time()
+        latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
+        extra = {}
+        if press.lost_samples:
+            extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
+        if turn.transcript:
+            event = events.final_event(turn.transcript, turn.turn_order, session.id or "",
+                                       press.press_id, self._audio_ms(press), latency,
+                                       ts=now_wall, **extra)
+            self.last_final = event
+            self._emit(event)
+            press.finals += 1
+        last_word_end = max((w.end for w in turn.words), default=None)
+        if last_word_end is not None:
+            ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
+                                             * self.s.sample_rate / 1000)
+            press.replay_pos = max(press.replay_pos or press.start_pos, ring_pos)
+        if press.fe_sent_at is not None:
+            self._finish_press(press, terminate=True)
+            self._refresh_state()
+
+    def _audio_ms(self, press: Press) -> int:
+        if press.audio_ms:
+            return int(round(press.audio_ms))
+        return int((self.ring.end - press.start_pos) * 1000 / self.s.sample_rate)
+
+    def _on_closed(self, press: Press | None, session: Session, closed: SessionClosed) -> None:
+        self._closing.discard(session)
+        if session is self._warm:
+            self._warm, self._warm_until = None, None
+        if press is None or press.done or closed.local:
+            return
+        if closed.policy.kind == "normal" and press.fe_sent_at is not None:
+            self._finish_press(press, terminate=False)
+            self._refresh_state()
+            return
+        self._session_failed(press, closed)
+
+    def _session_failed(self, press: Press, closed: SessionClosed) -> None:
+        policy = closed.policy
+        if press.streamer is not None:
+            press.streamer.stop(0.5)
+            press.streamer = None
+        press.session = None
+        press.fe_sent_at = None
+        if policy.kind == "auth":
+            self._auth_blocked = True
+            self._report_error(closed, None)
+            self._finish_press(press, terminate=False)
+            self._set_state(State.ERROR, policy.message)
+            return
+        if not policy.retry or press.attempts >= self.s.max_connect_attempts:
+            self._report_error(closed, None)
+            self._finish_press(press, terminate=False)
+            self._refresh_state()
+            return
+        delay = policy.delay(press.attempts - 1, self._rng)
+        self._report_error(closed, delay)
+        press.retry_at = self._clock() + delay
+        self._refresh_state()
+
+    def _report_error(self, closed: SessionClosed, retry_in: float | None) -> None:
+        message = closed.describe()
+        if closed.policy.bug:
+            log.error("server reported a pttd bug: %s", message)
+        self._emit(events.error_event(closed.code, message, retry_in))
+
+    def _finish_press(self, press: Press, *, terminate: bool) -> None:
+        if press.done:
+            return
+        press.done = True
+        if press.streamer is not None:
+            press.streamer.stop(0.5)
+        session = press.session
+        if session is None:
+            return
+        keep = (terminate and not press.cancelled and self.s.keep_warm_s > 0 and session.is_open
+                and self._stopping is None and self._warm is None)
+        if keep:
+            self._warm, self._warm_until = session, self._clock() + self.s.keep_warm_s
+        elif terminate and session.is_open:
+            self._closing.add(session)
+            session.terminate_async()
+        else:
+            session.close(0)
+
+    # --- mic status --------------------------------------------------------------------------------
+
+    def _on_source(self, status: SourceStatus) -> None:
+        if status.kind == "offline":
+            self._mic_offline = status.message
+            self._emit(events.error_event(None, status.message, None))
+        elif status.kind == "online":
+            self._mic_offline = None
+        self._refresh_state()
+
+    # --- deadlines -----------------------------------------------------------------------------------
+
+    def _next_deadline(self) -> float:
+        times = [p.retry_at for p in self._presses if p.retry_at is not None and not p.done]
+        times += [p.final_deadline for p in self._presses if p.final_deadline and not p.done]
+        if self._warm_until is not None:
+            times.append(self._warm_until)
+        if self._stopping is not None:
+            return 0.05
+        if not times:
+            return 1.0
+        return max(0.0, min(min(times) - self._clock(), 1.0))
+
+    def _check_deadlines(self) -> None:
+        now = self._clock()
+        for press in list(self._presses):
+            if press.done:
+                continue
+            if press.retry_at is not None and now >= press.retry_at:
+                self._retry(press)
+            elif press.final_deadline is not None and now >= press.final_deadline:
+                log.info("press %d: no end-of-turn after ForceEndpoint; finishing", press.press_id)
+                self._finish_press(press, terminate=True)
+        if self._warm_until is not None and now >= self._warm_until:
+            warm, self._warm, self._warm_until = self._warm, None, None
+            if warm is not None:
+                self._closing.add(warm)
+                warm.terminate_async()
+        self._presses = [p for p in self._presses if not p.done]
+        self._refresh_state()
+
+    def _retry(self, press: Press) -> None:
+        oldest = press.replay_pos if press.replay_pos is not None else press.start_pos
+        if oldest < self.ring.start:
+            press.lost_samples += self.ring.start - oldest
+            press.replay_pos = self.ring.start
+        self._open_session(press)
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def _refresh_state(self) -> None:
+        if self._stopping is not None:
+            return
+        live = [p for p in self._presses if not p.done]
+        if self._mic_offline:
+            self._set_state(State.OFFLINE, self._mic_offline)
+        elif not live:
+            if self.state is not State.ERROR or not self._auth_blocked:
+                self._set_state(State.IDLE, "")
+        else:
+            newest = live[-1]
+            if newest.released:
+                self._set_state(State.FINALIZING, "")
+            elif newest.streamer is None:
+                self._set_state(State.CONNECTING, "retrying" if newest.retry_at else "")
+            else:
+                self._set_state(State.LISTENING, "")
+
+    def _set_state(self, state: State, detail: str) -> None:
+        if state is self.state and detail == self.state_detail:
+            return
+        self.state, self.state_detail = state, detail
+        self._emit(events.state_event(state))
+        if self._on_state is not None:
+            self._on_state(state, detail)
+
+    # --- stopping ------------------------------------------------------------------------------------
+
+    def _begin_stop(self, stop: _Stop) -> None:
+        self._stopping = stop
+        for press in self._presses:
+            if press.done:
+                continue
+            if press.streamer is not None and press.end_pos is None:
+                press.released_at = press.released_at or time.monotonic()
+                press.end_pos = self.ring.end  # skip the post-roll
+                press.streamer.finish(press.end_pos)
+            elif press.streamer is None:
+                self._finish_press(press, terminate=False)
+
+    def _stop_complete(self) -> bool:
+        pending = [p for p in self._presses if not p.done]
+        return not pending or time.monotonic() >= self._stopping.deadline - 1.0
+
+    def _shutdown_sessions(self) -> None:
+        sessions = {p.session for p in self._presses if p.session is not None} | self._closing
+        if self._warm is not None:
+            sessions.add(self._warm)
+        for press in self._presses:
+            if press.streamer is not None:
+                press.streamer.stop(0.5)
+        for session in sessions:
+            session.terminate_async()
+        deadline = min(self._stopping.deadline, time.monotonic() + 1.5)
+        for session in sessions:
+            session.wait_closed(deadline - time.monotonic())
+            session.close(0.5)

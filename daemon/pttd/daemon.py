@@ -1,0 +1,222 @@
+"""``pttd run``: wires config → capture → controller → outputs, and stops it all cleanly.
+
+Start order follows the contract: capture first (a WAV source starts playing), then the
+control socket, and READY=1 only once the mic has delivered audio. No session is opened until
+the first press. Stop order is the reverse, each part joined with a timeout, all within 5 s.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import events, protocol
+from .config import Config, ConfigError, require_api_key
+from .controller import Command, Controller, Settings
+from .events import State
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 10.0
+
+
+class StartupError(Exception):
+    """Something the user must fix before pttd can run (the CLI exits 2)."""
+
+
+@dataclass
+class Daemon:
+    """The assembled parts; ``run()`` blocks until ``request_stop()``."""
+
+    cfg: Config
+    extra_sinks: list = field(default_factory=list)
+    url_override: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _parts: list = field(default_factory=list)
+
+    def request_stop(self, *_args) -> None:
+        """Signal-safe: only sets an event."""
+        self._stop.set()
+
+    # --- assembly ------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from .audio import AudioError, RingBuffer
+        from .outputs import JournalSink, Outputs, StdoutSink
+        from .service import Notifier
+
+        cfg = self.cfg
+        if self.url_override is None:
+            require_api_key(cfg)
+        a = cfg.audio
+        self.ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
+        self.notifier = Notifier()
+        sinks = [StdoutSink(cfg.output.stdout)] + list(self.extra_sinks)
+        if cfg.output.journal:
+            sinks.append(JournalSink(cfg.stt.speech_model))
+        self.control_sink = _LateSink()
+        sinks.append(self.control_sink)
+        self.outputs = Outputs(sinks)
+        try:
+            self.source = self._make_source()
+        except AudioError as exc:
+            raise StartupError(str(exc)) from None
+        self.controller = Controller(
+            ring=self.ring, settings=self._settings(), session_factory=self._new_session,
+            emit=self.outputs.emit, on_state=self._on_state)
+
+    def _settings(self) -> Settings:
+        a = self.cfg.audio
+        return Settings(sample_rate=a.sample_rate, chunk_ms=a.chunk_ms, preroll_ms=a.preroll_ms,
+                        postroll_ms=a.postroll_ms, keep_warm_s=self.cfg.stt.keep_warm_s,
+                        button_mode=self.cfg.button.mode)
+
+    def _make_source(self):
+        from .audio import AlsaSource, WavSource
+
+        a = self.cfg.audio
+        if a.source == "wav":
+            return WavSource(a.wav, self.ring, sample_rate=a.sample_rate, chunk_ms=a.chunk_ms)
+        return AlsaSource(device=a.device, capture_format=a.capture_format,
+                          capture_channels=a.capture_channels, capture_rate=a.capture_rate,
+                          channel=a.channel, gain_db=a.gain_db, warmup_ms=a.warmup_ms,
+                          sample_rate=a.sample_rate, ring=self.ring,
+                          on_status=self._on_source_status)
+
+    def _new_session(self, on_event: Callable) -> Session:
+        stt = self.cfg.stt
+        base = self.url_override or stt.url
+        url = protocol.build_url(base, stt.speech_model, self.cfg.audio.sample_rate,
+                                 stt.format_turns, stt.params)
+        return Session(url, stt.api_key, on_event=on_event, sample_rate=self.cfg.audio.sample_rate,
+                       format_turns=stt.format_turns and not protocol.is_u3(stt.speech_model))
+
+    def _on_source_status(self, kind: str, message: str) -> None:
+        controller = getattr(self, "controller", None)
+        if controller is not None:
+            controller.on_source_status(kind, message)
+
+    def _on_state(self, state: State, detail: str) -> None:
+        from .service import status_text
+
+        self.notifier.status(status_text(state, detail))
+        leds = getattr(self, "leds", None)
+        if leds is not None:
+            try:
+                leds.show(state)
+            except Exception:
+                log.exception("LEDs failed")
+
+    # --- running -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start everything in contract order; StartupError for what the user must fix."""
+        from .control import ControlError, ControlServer
+        from .peripherals import ButtonInput, PeripheralError, StatusLeds, make_pin_factory
+        from .service import Watchdog
+
+        cfg = self.cfg
+        self.source.start()
+        self._parts.append(("capture", self.source.stop))
+        self.controller.start()
+        self._parts.append(("controller", self.controller.stop))
+        try:
+            factory = make_pin_factory(cfg.gpio.pin_factory)
+            self.leds = StatusLeds(kind=cfg.leds.kind, pins=list(cfg.leds.pins),
+                                   active_high=cfg.leds.active_high,
+                                   patterns=dict(cfg.leds.patterns), pin_factory=factory)
+            self._parts.append(("leds", self.leds.close))
+            self.leds.show(self.controller.state)
+            self.button = ButtonInput(
+                pin=cfg.button.pin, pull_up=cfg.button.pull_up, bounce_ms=cfg.button.bounce_ms,
+                on_press=lambda: self.controller.post(Command("press", "button")),
+                on_release=lambda: self.controller.post(Command("release", "button")),
+                pin_factory=factory)
+            self._parts.append(("button", self.button.close))
+        except (PeripheralError, ValueError) as exc:
+            raise StartupError(f"GPIO: {exc}") from None
+        self.control = ControlServer(cfg.control.socket, self.controller.command)
+        try:
+            self.control.start()
+        except ControlError as exc:
+            raise StartupError(str(exc)) from None
+        self._parts.append(("control", self.control.stop))
+        self.control_sink.target = self.control.publish
+        self.watchdog = Watchdog(self.notifier, progress=lambda: self.source.progress)
+        self.watchdog.start()
+        self._parts.append(("watchdog", self.watchdog.stop))
+
+    def run(self) -> int:
+        """Block until stopped; returns the exit code."""
+        ready = False
+        while not self._stop.is_set():
+            if not ready and self.source.first_audio.is_set():
+                ready = True
+                self.notifier.ready(self._status_now())
+            self._stop.wait(0.05 if not ready else 0.5)
+        return 0
+
+    def _status_now(self) -> str:
+        from .service import status_text
+
+        return status_text(self.controller.state, self.controller.state_detail)
+
+    # Stop order: no new presses, then let the controller finish the turn (its final still
+    # reaches subscribers and journald), then the rest; capture last so the turn has its audio.
+    _STOP_ORDER = ("button", "controller", "control", "watchdog", "leds", "capture")
+
+    def shutdown(self) -> None:
+        """Stop in a fixed order; every part is joined with a timeout (5 s in all)."""
+        self.notifier.stopping()
+        parts = dict(self._parts)
+        for name in self._STOP_ORDER:
+            stop = parts.pop(name, None)
+            if stop is None:
+                continue
+            started = time.monotonic()
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
+            log.debug("stopped %s in %.0f ms", name, (time.monotonic() - started) * 1000)
+        self._parts.clear()
+        self.outputs.close()
+        self.notifier.close()
+
+
+class _LateSink:
+    """Forwards events to the control socket once it exists (it starts after capture)."""
+
+    target: Callable[[dict], None] | None = None
+
+    def emit(self, event: dict) -> None:
+        if self.target is not None:
+            self.target(event)
+
+    def close(self) -> None:
+        self.target = None
+
+
+def run(cfg: Config, *, url_override: str | None = None, install_signals: bool = True,
+        extra_sinks: list | None = None) -> int:
+    """Assemble, start, run until SIGTERM/SIGINT, stop. Raises StartupError/ConfigError."""
+    from .service import install_stop_signals
+
+    daemon = Daemon(cfg, extra_sinks=extra_sinks or [], url_override=url_override)
+    daemon.build()
+    restore = install_stop_signals(daemon.request_stop) if install_signals else None
+    try:
+        try:
+            daemon.start()
+        except BaseException:
+            daemon.shutdown()
+            raise
+        code = daemon.run()
+        daemon.shutdown()
+        return code
+    finally:
+        if restore is not None:
+            restore()

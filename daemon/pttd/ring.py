@@ -1,0 +1,172 @@
+"""The capture ring buffer: PCM16 mono addressed by absolute sample positions.
+
+One writer (the capture thread) appends; any number of readers keep their own cursor (an int
+position since capture began) and read from it. Positions never wrap, so a reader can tell
+exactly how much it missed: audio that was overwritten is *reported* as ``lost``, never handed out
+as if it were the audio the reader asked for. Stretches the device did not deliver (mic
+unplugged, overrun) are filled with silence by the writer and recorded as gaps, so positions stay
+in step with wall time and a turn that spans a gap is still delivered.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+MAX_GAPS = 1024  # bounded memory even if a flaky device produces a gap every period
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """What ``RingBuffer.read`` returns.
+
+    ``data`` holds the samples ``[pos, next_pos)``. ``lost`` counts requested samples that were
+    already overwritten (the data then begins at the oldest one still held). ``gaps`` lists the
+    silence-filled ranges inside ``[pos, next_pos)``.
+    """
+
+    data: bytes
+    pos: int
+    next_pos: int
+    lost: int = 0
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+
+
+class RingBuffer:
+    """Fixed-capacity PCM16 mono ring with absolute positions; thread-safe.
+
+    ``capacity_samples`` bounds memory (``ring_seconds * sample_rate``); ``sample_rate`` is only
+    used to convert durations (``wait_for`` callers and gap bookkeeping work in samples).
+    """
+
+    def __init__(self, capacity_samples: int, sample_rate: int):
+        if capacity_samples <= 0 or sample_rate <= 0:
+            raise ValueError("capacity_samples and sample_rate must be positive")
+        self.capacity = int(capacity_samples)
+        self.sample_rate = int(sample_rate)
+        self._buf = bytearray(self.capacity * 2)
+        self._end = 0
+        self._gaps: list[list[int]] = []
+        self._wakes = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    # --- positions ---------------------------------------------------------------------------
+
+    @property
+    def end(self) -> int:
+        """Position of the next sample to be written (= samples written since start)."""
+        return self._end
+
+    @property
+    def start(self) -> int:
+        """Oldest position still held."""
+        return max(0, self._end - self.capacity)
+
+    def now(self) -> int:
+        """The live position (same as ``end``): where a reader starting "now" begins."""
+        return self._end
+
+    # --- writer ------------------------------------------------------------------------------
+
+    def append(self, pcm: bytes) -> None:
+        """Append PCM16 mono samples (little-endian bytes, even length)."""
+        if len(pcm) % 2:
+            raise ValueError("PCM16 data must have an even number of bytes")
+        if not pcm:
+            return
+        with self._cond:
+            self._write(memoryview(pcm).cast("B"))
+            if self._gaps and self._gaps[0][1] <= self.start:
+                self._prune_gaps()
+            self._cond.notify_all()
+
+    def append_gap(self, n_samples: int) -> None:
+        """Mark ``n_samples`` of missing audio: written as silence and recorded as a gap."""
+        n = int(n_samples)
+        if n <= 0:
+            return
+        with self._cond:
+            start = self._end
+            self._write_silence(n)
+            self._record_gap(start, self._end)
+            self._cond.notify_all()
+
+    def _write(self, data: memoryview) -> None:
+        """Copy bytes at the write position with at most two slice assignments (no loops)."""
+        n = len(data) // 2
+        if n > self.capacity:  # only the newest capacity samples can be kept
+            data = data[(n - self.capacity) * 2:]
+            self._end += n - self.capacity
+        nbytes = len(data)
+        size = len(self._buf)
+        off = (self._end % self.capacity) * 2
+        first = min(nbytes, size - off)
+        self._buf[off:off + first] = data[:first]
+        if first < nbytes:
+            self._buf[0:nbytes - first] = data[first:]
+        self._end += nbytes // 2
+
+    def _write_silence(self, n: int) -> None:
+        keep = min(n, self.capacity)
+        self._end += n - keep
+        self._write(memoryview(bytes(keep * 2)))
+
+    def _record_gap(self, start: int, end: int) -> None:
+        if self._gaps and self._gaps[-1][1] == start:
+            self._gaps[-1][1] = end  # one outage filled in ticks stays one gap
+        else:
+            self._gaps.append([start, end])
+        self._prune_gaps()
+
+    def _prune_gaps(self) -> None:
+        """Forget gaps that were overwritten (or too many: the oldest go first)."""
+        oldest = self.start
+        while self._gaps and (self._gaps[0][1] <= oldest or len(self._gaps) > MAX_GAPS):
+            self._gaps.pop(0)
+
+    # --- readers -----------------------------------------------------------------------------
+
+    def read(self, pos: int, max_samples: int) -> ReadResult:
+        """Up to ``max_samples`` from ``pos`` (fewer if the writer has not got there yet)."""
+        with self._cond:
+            start, end = self.start, self._end
+            lost = max(0, start - pos)
+            pos = max(pos, start)
+            n = max(0, min(int(max_samples), end - pos))
+            data = self._copy(pos, n)
+            gaps = [(max(s, pos), min(e, pos + n)) for s, e in self._gaps
+                    if s < pos + n and e > pos]
+        return ReadResult(data, pos, pos + n, lost, gaps)
+
+    def _copy(self, pos: int, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        off = (pos % self.capacity) * 2
+        nbytes = n * 2
+        first = min(nbytes, len(self._buf) - off)
+        if first == nbytes:
+            return bytes(self._buf[off:off + nbytes])
+        return bytes(self._buf[off:]) + bytes(self._buf[:nbytes - first])
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """All recorded gaps still (partly) in the buffer, oldest first."""
+        with self._cond:
+            return [(s, e) for s, e in self._gaps]
+
+    def wait_for(self, pos: int, timeout: float) -> bool:
+        """Block until ``end > pos``; False on timeout or when ``wake()`` is called."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            wakes = self._wakes
+            while self._end <= pos:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._wakes != wakes:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def wake(self) -> None:
+        """Release every ``wait_for`` now (a stopping reader uses this instead of a timeout)."""
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()

@@ -1,0 +1,423 @@
+"""One AssemblyAI v3 streaming session over websocket-client, with a sender and a receiver thread.
+
+The owner (the controller) never blocks on the network: ``start()`` returns at once, the
+receiver thread connects, waits for ``Begin`` and reports everything through ``on_event``
+(which must only enqueue). Audio and control messages go through one bounded FIFO, so a
+``ForceEndpoint`` can never overtake the audio queued before it. Every session ends with
+exactly one :class:`SessionClosed`, after any final it still held.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import select
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import websocket
+
+from . import protocol
+from .config import Secret
+from .protocol import ClosePolicy, FinalTurn, Termination, Turn, TurnAssembler
+
+log = logging.getLogger(__name__)
+
+_OP_TEXT = websocket.ABNF.OPCODE_TEXT
+_OP_BINARY = websocket.ABNF.OPCODE_BINARY
+
+
+class ConnectError(Exception):
+    """The session could not be opened (upgrade refused, closed before Begin, no Begin)."""
+
+    def __init__(self, closed: "SessionClosed"):
+        super().__init__(closed.describe())
+        self.closed = closed
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    """The one report of a session's end."""
+
+    code: int | None            # close or error code; None when the link just died
+    reason: str                 # server's text (Error frame preferred over the close reason)
+    policy: ClosePolicy
+    before_begin: bool          # a connect failure rather than a mid-session end
+    terminated: bool = False    # a Termination was received (clean end)
+    local: bool = False         # pttd closed it
+
+    def describe(self) -> str:
+        code = "no close code" if self.code is None else f"code {self.code}"
+        return f"{self.policy.message} ({code}{': ' + self.reason if self.reason else ''})"
+
+
+class Session:
+    """A v3 session. Thread-safe for one owner calling the public methods."""
+
+    def __init__(self, url: str, api_key: Secret, *, on_event: Callable[["Session", object], None],
+                 sample_rate: int = 16000, format_turns: bool = True,
+                 connect_timeout: float = 10.0, begin_timeout: float = 10.0,
+                 send_timeout: float = 10.0, max_queued_ms: int = 10_000,
+                 format_grace_s: float = 1.5, error_close_grace_s: float = 2.0,
+                 on_sent: Callable[[int, int], None] | None = None, name: str = "session"):
+        self.url = url
+        self._key = api_key
+        self._on_event = on_event
+        self.sample_rate = sample_rate
+        self._connect_timeout = connect_timeout
+        self._begin_timeout = begin_timeout
+        self._send_timeout = send_timeout
+        self._max_queued_bytes = max_queued_ms * sample_rate * 2 // 1000
+        self._error_close_grace_s = error_close_grace_s
+        self._on_sent = on_sent
+        self.name = name
+        self._assembler = TurnAssembler(format_turns, format_grace_s)
+        self._ws: websocket.WebSocket | None = None
+        self._out: collections.deque[tuple[int, bytes | str]] = collections.deque()
+        self._out_bytes = 0
+        self._out_cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._begun = threading.Event()
+        self._closed_event = threading.Event()
+        self._termination = threading.Event()
+        self._closed: SessionClosed | None = None
+        self._report_lock = threading.Lock()
+        self._error: protocol.ErrorMessage | None = None
+        self._error_deadline: float | None = None
+        self._receiver = threading.Thread(target=self._receive_main, name=f"{name}-recv", daemon=True)
+        self._sender = threading.Thread(target=self._send_main, name=f"{name}-send", daemon=True)
+        self.begin: protocol.Begin | None = None
+        self.audio_bytes_sent = 0
+        self.frames_sent = 0
+        self.opened_at: float | None = None
+
+    # --- owner API ------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str | None:
+        return self.begin.id if self.begin else None
+
+    @property
+    def is_open(self) -> bool:
+        return self._begun.is_set() and not self._closed_event.is_set()
+
+    @property
+    def closed(self) -> SessionClosed | None:
+        return self._closed
+
+    def start(self) -> None:
+        """Connect in the background; ``on_event`` gets Begin or a SessionClosed."""
+        self.opened_at = time.monotonic()
+        self._receiver.start()
+
+    def connect(self, timeout: float | None = None) -> protocol.Begin:
+        """Blocking convenience for tools and tests: start, then wait for Begin."""
+        self.start()
+        limit = timeout if timeout is not None else self._connect_timeout + self._begin_timeout + 1
+        deadline = time.monotonic() + limit
+        while not self._begun.is_set() and not self._closed_event.is_set():
+            self._closed_event.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                self.close()
+                break
+        if self.begin is not None and self._begun.is_set():
+            return self.begin
+        raise ConnectError(self._closed or SessionClosed(None, "no Begin", protocol.policy_for(None),
+                                                         before_begin=True))
+
+    def send_audio(self, pcm: bytes) -> bool:
+        """Queue one frame. False when the queue is full (the caller keeps its cursor and retries).
+
+        Raises ValueError for frames outside the server's 50-1000 ms rule (a 3007 otherwise).
+        """
+        ms = protocol.frame_ms(len(pcm), self.sample_rate)
+        if len(pcm) % 2 or not protocol.MIN_FRAME_MS <= ms <= protocol.MAX_FRAME_MS:
+            raise ValueError(f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
+                             f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le")
+        with self._out_cond:
+            if self._out_bytes + len(pcm) > self._max_queued_bytes:
+                return False
+            self._out.append((_OP_BINARY, pcm))
+            self._out_bytes += len(pcm)
+            self._out_cond.notify()
+        return True
+
+    def force_endpoint(self) -> None:
+        self._queue_text(protocol.FORCE_ENDPOINT)
+
+    def keep_alive(self) -> None:
+        self._queue_text(protocol.KEEP_ALIVE)
+
+    def update(self, **fields) -> None:
+        self._queue_text(protocol.update_configuration(**fields))
+
+    def terminate(self, timeout: float = 5.0) -> Termination | None:
+        """Send Terminate, wait (bounded) for Termination, then close. Returns it if it came."""
+        if self._begun.is_set() and not self._closed_event.is_set():
+            self._queue_text(protocol.TERMINATE)
+            deadline = time.monotonic() + timeout
+            while not self._closed_event.is_set() and time.monotonic() < deadline:
+                self._closed_event.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        self.close()
+        return self._last_termination
+
+    def terminate_async(self, timeout: float = 5.0) -> None:
+        """Send Terminate without waiting; the session closes itself on Termination or timeout."""
+        if not self._begun.is_set() or self._closed_event.is_set():
+            self.close(0)
+            return
+        self._terminate_deadline = time.monotonic() + timeout
+        self._queue_text(protocol.TERMINATE)
+
+    def wait_closed(self, timeout: float) -> bool:
+        return self._closed_event.wait(max(0.0, timeout))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop both threads and the socket; safe to call more than once, from any thread.
+
+        ``timeout=0`` does not join (the controller must not wait on a connect in progress).
+        """
+        self._local_close = True
+        self._stopping.set()
+        with self._out_cond:
+            self._out_cond.notify_all()
+        self._shutdown_socket()
+        me = threading.current_thread()
+        for thread in (self._sender, self._receiver):
+            if timeout and thread.is_alive() and thread is not me:
+                thread.join(timeout)
+        self._report_closed(None, "closed by pttd", local=True)
+
+    def queued_ms(self) -> float:
+        with self._out_cond:
+            return protocol.frame_ms(self._out_bytes, self.sample_rate)
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def _queue_text(self, text: str) -> None:
+        with self._out_cond:
+            self._out.append((_OP_TEXT, text))
+            self._out_cond.notify()
+
+    def _send_main(self) -> None:
+        try:
+            while True:
+                with self._out_cond:
+                    while not self._out and not self._stopping.is_set():
+                        self._out_cond.wait()
+                    if self._stopping.is_set():
+                        return
+                    batch = list(self._out)
+                    self._out.clear()
+                for opcode, payload in batch:
+                    self._ws.send(payload, opcode)
+                    if opcode == _OP_BINARY:
+                        self.frames_sent += 1
+                        self.audio_bytes_sent += len(payload)
+                    if self._on_sent:
+                        self._on_sent(opcode, len(payload))
+                with self._out_cond:
+                    self._out_bytes -= sum(len(p) for op, p in batch if op == _OP_BINARY)
+        except (OSError, websocket.WebSocketException) as exc:
+            if not self._stopping.is_set():
+                log.info("%s: send failed: %s", self.name, self._scrub(str(exc)))
+                self._shutdown_socket()  # the receiver sees the dead link and reports it
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    _last_termination: Termination | None = None
+    _local_close = False
+    _terminate_deadline: float | None = None
+
+    def _receive_main(self) -> None:
+        try:
+            self._ws = self._open()
+        except _Refused as refused:
+            self._report_closed(refused.code, refused.reason, before_begin=True)
+            return
+        try:
+            self._read_loop()
+        except (OSError, websocket.WebSocketException) as exc:
+            if self._local_close:
+                self._report_closed(None, "closed by pttd", local=True)
+                return
+            log.info("%s: connection lost: %s", self.name, self._scrub(str(exc)))
+            err = self._error
+            self._report_closed(err.code if err else None, err.message if err else "connection lost",
+                                before_begin=not self._begun.is_set())
+        finally:
+            self._stopping.set()
+            with self._out_cond:
+                self._out_cond.notify_all()
+            self._close_socket()
+
+    def _open(self) -> websocket.WebSocket:
+        headers = [f"Authorization: {self._key.reveal()}",
+                   f"AssemblyAI-Version: {protocol.API_VERSION}",
+                   f"User-Agent: {protocol.USER_AGENT}"]
+        try:
+            ws = websocket.create_connection(
+                self.url, header=headers, timeout=self._connect_timeout, enable_multithread=True,
+                sslopt={"cert_reqs": ssl.CERT_REQUIRED})
+        except websocket.WebSocketBadStatusException as exc:
+            raise _Refused(_http_code(exc.status_code), f"HTTP {exc.status_code} at upgrade") from None
+        except (OSError, websocket.WebSocketException) as exc:
+            raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}")) from None
+        ws.settimeout(self._send_timeout)
+        return ws
+
+    def _read_loop(self) -> None:
+        begin_deadline = time.monotonic() + self._begin_timeout
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if not self._begun.is_set() and now >= begin_deadline:
+                self._report_closed(None, f"no Begin within {self._begin_timeout:g} s",
+                                    before_begin=True)
+                return
+            if self._terminate_deadline is not None and now >= self._terminate_deadline:
+                log.info("%s: no Termination after Terminate; closing", self.name)
+                self._report_closed(None, "no Termination after Terminate", local=True)
+                return
+            if self._error_deadline is not None and now >= self._error_deadline:
+                self._report_closed(self._error.code, self._error.message,
+                                    before_begin=not self._begun.is_set())
+                return
+            self._emit_finals(self._assembler.expire(now))
+            if not self._readable(self._next_wakeup(begin_deadline) - now):
+                continue
+            opcode, frame = self._ws.recv_data_frame(False)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                self._on_close_frame(frame.data)
+                return
+            if opcode == _OP_TEXT:
+                self._on_text(frame.data)
+
+    def _next_wakeup(self, begin_deadline: float) -> float:
+        times = [time.monotonic() + 1.0, self._assembler.deadline(), self._error_deadline,
+                 self._terminate_deadline]
+        if not self._begun.is_set():
+            times.append(begin_deadline)
+        return min(t for t in times if t is not None)
+
+    def _readable(self, timeout: float) -> bool:
+        sock = self._ws.sock
+        if sock is None:
+            raise websocket.WebSocketConnectionClosedException("socket closed")
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        return bool(ready)
+
+    def _on_text(self, data: bytes) -> None:
+        try:
+            msg = protocol.parse_message(data)
+        except protocol.ProtocolError as exc:
+            log.warning("%s: %s", self.name, exc)
+            return
+        if isinstance(msg, protocol.Begin):
+            if self._begun.is_set():
+                log.warning("%s: a second Begin was ignored", self.name)
+                return
+            self.begin = msg
+            self._begun.set()
+            self._sender.start()
+            self._emit(msg)
+        elif isinstance(msg, Turn):
+            self._on_turn(msg)
+        elif isinstance(msg, protocol.ErrorMessage):
+            log.info("%s: server error %s: %s", self.name, msg.code, msg.message)
+            if self._error is None:
+                self._error = msg
+                self._error_deadline = time.monotonic() + self._error_close_grace_s
+        elif isinstance(msg, Termination):
+            self._last_termination = msg
+            self._emit_finals(self._assembler.flush())
+            self._emit(msg)
+        elif isinstance(msg, protocol.UnknownMessage):
+            log.debug("%s: unknown message %s", self.name, msg.type)
+        else:
+            self._emit(msg)
+
+    def _on_turn(self, turn: Turn) -> None:
+        if not turn.end_of_turn:
+            self._emit(turn)
+            return
+        self._emit_finals(self._assembler.feed(turn, time.monotonic()))
+
+    def _on_close_frame(self, data: bytes) -> None:
+        code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+        reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
+        if self._error is not None and (code is None or code == self._error.code or code == 1000):
+            code, reason = self._error.code, self._error.message
+        self._report_closed(code, reason, before_begin=not self._begun.is_set())
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def _emit(self, event: object) -> None:
+        try:
+            self._on_event(self, event)
+        except Exception:  # a consumer bug must not kill the receiver silently
+            log.exception("%s: event consumer failed on %s", self.name, type(event).__name__)
+
+    def _emit_finals(self, finals: list[FinalTurn]) -> None:
+        for final in finals:
+            self._emit(final)
+
+    def _report_closed(self, code: int | None, reason: str, *, before_begin: bool = False,
+                       local: bool = False) -> None:
+        with self._report_lock:
+            if self._closed is not None:
+                return
+            if not local:
+                self._emit_finals(self._assembler.flush())
+            if local:
+                policy = protocol.policy_for(1000)
+            elif code == 1000 or (code is None and self._last_termination is not None):
+                policy = protocol.policy_for(1000)
+            else:
+                policy = protocol.policy_for(code, reason)
+            self._closed = SessionClosed(code=code, reason=self._scrub(reason), policy=policy,
+                                         before_begin=before_begin,
+                                         terminated=self._last_termination is not None,
+                                         local=local)
+        self._stopping.set()
+        self._closed_event.set()
+        if policy.bug:
+            log.error("%s: server rejected pttd's traffic: %s", self.name, self._closed.describe())
+        self._emit(self._closed)
+
+    def _shutdown_socket(self) -> None:
+        ws = self._ws
+        sock = ws.sock if ws is not None else None
+        if sock is not None:
+            try:
+                import socket as _socket
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_socket(self) -> None:
+        ws = self._ws
+        if ws is not None:
+            try:
+                ws.close(timeout=0.2)
+            except Exception:  # closing a dead socket can raise anything websocket-client likes
+                pass
+
+    def _scrub(self, text: str) -> str:
+        key = self._key.reveal()
+        return text.replace(key, "***") if key else text
+
+
+class _Refused(Exception):
+    def __init__(self, code: int | None, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _http_code(status: int) -> int | None:
+    """Map an HTTP refusal at the upgrade onto the close-code table."""
+    return {401: 1008, 403: 1008, 429: 3009}.get(status)
