@@ -347,8 +347,8 @@ class AlsaSource(_Source):
             events = poller.poll(self.stall_timeout_s * 250)
             if self._stop.is_set():
                 return
-            now = time.monotonic()
-            data = self._read(pcm, now) if self._readable(pcm, events) else None
+            data = self._read(pcm) if self._readable(pcm, events) else None
+            now = time.monotonic()  # after the read: a plugin may block inside it
             if data:
                 last_audio = now
                 warmup = self._convert(conv, data, warmup, now)
@@ -373,7 +373,7 @@ class AlsaSource(_Source):
         return bool(revents & (select.POLLIN | select.POLLERR | select.POLLHUP
                                | select.POLLNVAL))
 
-    def _read(self, pcm, now: float) -> bytes | None:
+    def _read(self, pcm) -> bytes | None:
         import alsaaudio
 
         try:
@@ -381,7 +381,7 @@ class AlsaSource(_Source):
         except alsaaudio.ALSAAudioError as exc:
             raise _DeviceLost(f"mic not found: {self.device}: {_alsa_reason(exc)}") from None
         if n < 0:
-            self._note_xrun(now)
+            self._note_xrun(time.monotonic())
             return None
         if n == 0:  # EAGAIN: a plugin's descriptor woke us early; don't spin on it
             self._stop.wait(0.005)

@@ -148,7 +148,8 @@ class Controller:
         """The control socket's handler: enqueue a command, or read the published state."""
         if name == "status":
             return {"ok": True, "state": self.state.value, "detail": self.state_detail,
-                    "last_final": self.last_final}
+                    "last_final": self.last_final,
+                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate)}
         if name not in ("press", "release", "toggle", "cancel"):
             return {"ok": False, "error": f"unknown command {name!r}"}
         if not self.post(Command(name, source)):

@@ -168,6 +168,8 @@ class Session:
         if not self._begun.is_set() or self._closed_event.is_set():
             self.close(0)
             return
+        if self._terminate_deadline is not None:
+            return  # already terminating: Terminate goes out once
         self._terminate_deadline = time.monotonic() + timeout
         self._queue_text(protocol.TERMINATE)
 

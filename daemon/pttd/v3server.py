@@ -79,6 +79,8 @@ class ServerOptions:
 
     #: Accepted API keys (``Authorization`` header). Empty = accept any non-empty credential.
     api_keys: frozenset[str] = frozenset()
+    #: False = accept every connection, even with no or an empty credential (loopback local engine).
+    require_auth: bool = True
     #: Temporary tokens, accepted in ``?token=`` or in the header (as the SDK sends them).
     tokens: frozenset[str] = frozenset()
     #: Real temporary tokens open one session only (§1.3).
@@ -1361,6 +1363,8 @@ class V3Server:
         header = record.headers.get("authorization", "").strip()
         token = record.raw_query.get("token", "").strip()
         keys, tokens = self.options.api_keys, self.options.tokens
+        if not self.options.require_auth:
+            return True
         with self._lock:
             if not keys and not tokens:
                 return bool(header or token) and not header.lower().startswith("bearer ")

@@ -1,0 +1,156 @@
+"""Run ``pttd run`` as a subprocess with a config, and read its JSON-lines events (bounded waits)."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+RATE = 16000
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+def speech_wav(path: Path, layout=((2000, False), (2000, True), (4000, False)), seed=1) -> np.ndarray:
+    """Low noise everywhere (so every position is unique) with loud tone 'speech' segments."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for ms, loud in layout:
+        n = RATE * ms // 1000
+        noise = rng.integers(-60, 60, n)
+        if loud:
+            t = np.arange(n) / RATE
+            noise = noise + 9000 * np.sin(2 * np.pi * 300 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
+        parts.append(noise)
+    samples = np.concatenate(parts).astype("<i2")
+    write_wav(path, samples)
+    return samples
+
+
+def write_config(path: Path, *, url: str, key: str, wav: Path, socket: Path, extra: str = "",
+                 stdout: str = "jsonl", journal: bool = False) -> Path:
+    path.write_text(f"""
+[stt]
+url = "{url}"
+api_key = "{key}"
+{extra}
+[audio]
+source = "wav"
+wav = "{wav}"
+[gpio]
+pin_factory = "mock"
+[control]
+socket = "{socket}"
+[output]
+stdout = "{stdout}"
+journal = {"true" if journal else "false"}
+""")
+    return path
+
+
+class DaemonProcess:
+    """``pttd run -c CONFIG`` with its stdout parsed into events on a reader thread."""
+
+    def __init__(self, config: Path, socket: Path, env: dict | None = None, argv=None):
+        self.socket = socket
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            argv or [sys.executable, "-m", "pttd.cli", "run", "-c", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        self.all_events: list[dict] = []
+        self.stderr_lines: list[str] = []
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "unparsable", "line": line}
+            self.all_events.append(event)
+            self.events.put(event)
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        from pttd.control import ControlError, request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pttd exited {self.proc.returncode}: {''.join(self.stderr_lines)}")
+            if self.socket.exists():
+                try:
+                    if request(str(self.socket), "status", timeout=1.0).get("ok"):
+                        return
+                except ControlError:
+                    pass
+            time.sleep(0.05)  # polling for the socket file with a deadline
+        raise AssertionError("pttd did not become ready")
+
+    def command(self, cmd: str) -> dict:
+        from pttd.control import request
+
+        return request(str(self.socket), cmd, timeout=5.0)
+
+    def wait_audio_ms(self, ms: int, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pos = self.command("status")["audio_ms"]
+            if pos >= ms:
+                return pos
+            time.sleep(0.02)  # polling the daemon's clock with a deadline
+        raise AssertionError(f"audio position never reached {ms} ms")
+
+    def wait_event(self, pred, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching event; saw {self.all_events}")
+            try:
+                event = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if pred(event):
+                return event
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"pttd did not stop within {timeout} s")
+        for t in self._threads:
+            t.join(5)
+        return code, time.monotonic() - t0
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)

@@ -1,0 +1,223 @@
+"""``pttd run`` end to end: a WAV mic, mock GPIO, the control socket, jsonl stdout, the fake server.
+
+Driven only through the interface contract (CLI, config, control socket, events).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pttd.v3server import Faults
+from tests.daemon_proc import RATE, DaemonProcess, speech_wav, write_config
+
+KEY = "e2e-key-0123456789"
+CHUNK = 800  # 50 ms at 16 kHz
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started = []
+
+    def make(srv, extra="", layout=None, journal=False):
+        wav = tmp_path / "mic.wav"
+        samples = speech_wav(wav, **({"layout": layout} if layout else {}))
+        sock = tmp_path / "ctl.sock"
+        cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY, wav=wav, socket=sock,
+                           extra=extra, journal=journal)
+        d = DaemonProcess(cfg, sock)
+        started.append(d)
+        d.wait_ready()
+        return d, samples
+
+    yield make
+    for d in started:
+        d.kill()
+
+
+def locate(received: bytes, samples: np.ndarray) -> int:
+    """Sample offset of the received audio inside the WAV (the noise makes it unique)."""
+    head = np.frombuffer(received[:CHUNK * 2], dtype="<i2")
+    hits = np.flatnonzero(samples[: len(samples) - len(head)] == head[0])
+    for h in hits:
+        if np.array_equal(samples[h:h + len(head)], head):
+            return int(h)
+    raise AssertionError("received audio is not a slice of the WAV")
+
+
+def press_and_release(d, press_ms=1500, release_ms=4200):
+    press_pos = d.wait_audio_ms(press_ms)
+    assert d.command("press") == {"ok": True}
+    release_pos = d.wait_audio_ms(release_ms)
+    assert d.command("release") == {"ok": True}
+    return press_pos, release_pos
+
+
+def test_press_release_gives_one_final_with_preroll_and_postroll(fake_v3, daemon_factory):
+    srv = fake_v3(script=["hello world"], api_keys={KEY})
+    d, samples = daemon_factory(srv)
+    assert srv.connection_attempts == 0  # no session before the first press
+    press_pos, release_pos = press_and_release(d)
+    final = d.wait_event(lambda e: e["event"] == "final")
+    assert final["text"] == "Hello world." and final["press_id"] == 1
+    assert final["turn_order"] == 0 and final["session_id"] == srv.sessions[0].session_id
+    code, took = d.stop()
+    assert code == 0 and took < 5.0
+    finals = [e for e in d.all_events if e["event"] == "final"]
+    assert len(finals) == 1
+    states = [e["state"] for e in d.all_events if e["event"] == "state"]
+    assert states[:4] == ["idle", "connecting", "listening", "finalizing"] and states[-1] == "idle"
+
+    rec = srv.sessions[0]
+    rec.wait_done(5)
+    frames = rec.audio_frames()
+    audio = b"".join(f.data for f in frames)
+    assert all(len(f.data) == CHUNK * 2 for f in frames)  # 50 ms frames, within 50-1000 ms
+    start = locate(audio, samples)
+    n = len(audio) // 2
+    assert np.array_equal(np.frombuffer(audio, "<i2"), samples[start:start + n])  # contiguous
+    start_ms, end_ms = start * 1000 // RATE, (start + n) * 1000 // RATE
+    # pre-roll: the first frame holds audio from ~500 ms before the press
+    assert press_pos - 500 - 100 <= start_ms <= press_pos - 500 + 100
+    assert start_ms < press_pos
+    # post-roll: the last frame holds audio from ~300 ms after the release (+ one chunk rounding)
+    assert release_pos + 300 - 100 <= end_ms <= release_pos + 300 + 50 + 100
+    assert end_ms > release_pos
+    # ForceEndpoint right after the last audio frame, then Terminate
+    kinds = [("audio" if f.kind == "binary" else f.data.get("type")) for f in rec.received]
+    assert kinds.count("ForceEndpoint") == 1 and kinds[-1] == "Terminate"
+    fe = kinds.index("ForceEndpoint")
+    assert set(kinds[:fe]) == {"audio"} and "audio" not in kinds[fe:]
+    assert final["audio_ms"] == n * 1000 // RATE
+    assert 0 <= final["latency_ms"] < 5000
+    # never ahead of real time by more than the allowance (the fake would have closed 3007)
+    assert rec.close_sent is None or rec.close_sent[0] == 1000
+
+
+def test_delayed_begin_loses_no_audio(fake_v3, daemon_factory):
+    srv = fake_v3(script=["late begin"], api_keys={KEY}, faults=Faults(begin_delay_s=1.5))
+    d, samples = daemon_factory(srv)
+    press_pos, release_pos = press_and_release(d, 1500, 4200)
+    final = d.wait_event(lambda e: e["event"] == "final", timeout=20)
+    assert final["text"] == "Late begin."
+    rec = srv.sessions[0]
+    audio = b"".join(f.data for f in rec.audio_frames())
+    start = locate(audio, samples)
+    n = len(audio) // 2
+    assert np.array_equal(np.frombuffer(audio, "<i2"), samples[start:start + n])
+    start_ms, end_ms = start * 1000 // RATE, (start + n) * 1000 // RATE
+    assert start_ms <= press_pos - 400 and end_ms >= release_pos + 250
+    code, took = d.stop()
+    assert code == 0 and took < 5.0
+
+
+def test_sigterm_mid_turn_skips_postroll_and_delivers(fake_v3, daemon_factory):
+    srv = fake_v3(script=["cut short"], api_keys={KEY})
+    d, _ = daemon_factory(srv)
+    d.wait_audio_ms(1500)
+    d.command("press")
+    d.wait_audio_ms(3500)
+    d.wait_event(lambda e: e["event"] == "state" and e["state"] == "listening")
+    code, took = d.stop()
+    assert code == 0 and took < 5.0
+    assert [e["text"] for e in d.all_events if e["event"] == "final"] == ["Cut short."]
+    kinds = [f.data.get("type") for f in srv.sessions[0].received if f.kind != "binary"]
+    assert kinds == ["ForceEndpoint", "Terminate"]
+
+
+def test_cancel_drops_the_turn(fake_v3, daemon_factory):
+    srv = fake_v3(script=["never shown"], api_keys={KEY})
+    d, _ = daemon_factory(srv)
+    d.wait_audio_ms(1500)
+    d.command("press")
+    d.wait_audio_ms(3500)
+    assert d.command("cancel") == {"ok": True}
+    d.wait_event(lambda e: e["event"] == "state" and e["state"] == "idle")
+    code, _ = d.stop()
+    assert code == 0 and not [e for e in d.all_events if e["event"] == "final"]
+
+
+def test_two_presses_back_to_back_both_delivered(fake_v3, daemon_factory):
+    srv = fake_v3(script=["first turn", "second turn"], api_keys={KEY})
+    layout = ((1000, False), (1200, True), (800, False), (1200, True), (3000, False))
+    d, _ = daemon_factory(srv, layout=layout)
+    d.wait_audio_ms(800)
+    d.command("press")
+    d.wait_audio_ms(2300)
+    d.command("release")
+    d.command("press")  # during the first turn's post-roll / finalizing
+    d.wait_audio_ms(4400)
+    d.command("release")
+    got = [d.wait_event(lambda e: e["event"] == "final", timeout=20) for _ in range(2)]
+    assert sorted(e["text"] for e in got) == ["First turn.", "Second turn."]
+    assert sorted(e["press_id"] for e in got) == [1, 2]
+    code, _ = d.stop()
+    assert code == 0
+    assert len([e for e in d.all_events if e["event"] == "final"]) == 2
+
+
+def test_garbage_on_control_socket_does_not_disturb(fake_v3, daemon_factory):
+    import socket
+
+    srv = fake_v3(script=["still fine"], api_keys={KEY})
+    d, _ = daemon_factory(srv)
+    for junk in (b"not json\n", b"[1,2]\n", b'{"cmd":"explode"}\n', b"\xff\xfe\n", b"{}\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(d.socket))
+            s.sendall(junk)
+            reply = json.loads(s.makefile().readline())
+            assert reply["ok"] is False and reply["error"]
+    press_and_release(d)
+    assert d.wait_event(lambda e: e["event"] == "final")["text"] == "Still fine."
+    assert d.stop()[0] == 0
+    assert not any("Traceback" in line for line in d.stderr_lines)
+
+
+def run_cli(*args, timeout=20, env=None):
+    return subprocess.run([sys.executable, "-m", "pttd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[audio]\nchunk_ms = 10\n")
+    r = run_cli("run", "-c", str(bad))
+    assert r.returncode == 2 and "audio.chunk_ms" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_wav_exits_2(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", url="ws://127.0.0.1:9/v3/ws", key=KEY,
+                       wav=tmp_path / "nope.wav", socket=tmp_path / "s.sock")
+    r = run_cli("run", "-c", str(cfg))
+    assert r.returncode == 2 and "nope.wav" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_busy_control_socket_exits_2(fake_v3, daemon_factory, tmp_path):
+    srv = fake_v3(api_keys={KEY})
+    d, _ = daemon_factory(srv)
+    second = tmp_path / "second.toml"
+    second.write_text((tmp_path / "pttd.toml").read_text())
+    r = run_cli("run", "-c", str(second))
+    assert r.returncode == 2 and "in use" in r.stderr and "Traceback" not in r.stderr
+    assert d.command("status")["ok"]
+    assert d.stop()[0] == 0
+
+
+def test_missing_key_exits_2(tmp_path):
+    wav = tmp_path / "m.wav"
+    speech_wav(wav)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[audio]\nsource = "wav"\nwav = "{wav}"\n[gpio]\npin_factory = "mock"\n')
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("ASSEMBLYAI_API_KEY", "CREDENTIALS_DIRECTORY")}
+    r = run_cli("run", "-c", str(cfg), env=env)
+    assert r.returncode == 2 and "API key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_control_commands_without_daemon(tmp_path):
+    r = run_cli("status", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip()
