@@ -67,12 +67,18 @@ journal = {"true" if journal else "false"}
 class DaemonProcess:
     """``pttd run -c CONFIG`` with its stdout parsed into events on a reader thread."""
 
-    def __init__(self, config: Path, socket: Path, env: dict | None = None, argv=None):
+    def __init__(self, config: Path, socket: Path, env: dict | None = None, argv=None,
+                 popen=None):
+        """``popen`` starts the process elsewhere (e.g. ``Journald.popen``, which merges env)."""
         self.socket = socket
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "pttd.cli", "run", "-c", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+        argv = argv or [sys.executable, "-m", "pttd.cli", "run", "-c", str(config)]
+        env = dict(PYTHONUNBUFFERED="1", **(env or {}))
+        if popen is None:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=dict(os.environ, **env))
+        else:
+            self.proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
         self.events: "queue.Queue[dict]" = queue.Queue()
         self.all_events: list[dict] = []
         self.stderr_lines: list[str] = []

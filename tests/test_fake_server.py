@@ -187,6 +187,14 @@ class RawClient:
         self.close()
 
 
+@pytest.fixture
+def v3_server(fake_v3):
+    """The server factory for the recognizer-independent conformance tests (those taking
+    ``v3_server``). tests/test_local_engine.py imports them and overrides this fixture, so the
+    same tests also run against the pocketsphinx engine."""
+    return fake_v3
+
+
 def finals(messages: list[dict]) -> list[dict]:
     return [m for m in messages if m.get("type") == "Turn" and m["end_of_turn"]]
 
@@ -274,8 +282,8 @@ def test_http_reject_fault_and_wrong_path(fake_v3):
 
 @pytest.mark.parametrize("model, family, mode", [
     (US, "us", None), (U3, "u3", "balanced"), (None, "u3", "balanced")])
-def test_begin_shape(fake_v3, model, family, mode):
-    server = fake_v3(expires_in_s=600)
+def test_begin_shape(v3_server, model, family, mode):
+    server = v3_server(expires_in_s=600)
     params = {"speech_model": model} if model else {}
     with RawClient(server.url, params, headers={"AssemblyAI-Version": "2025-05-12"}) as client:
         begin = client.wait_type("Begin")
@@ -319,14 +327,14 @@ def test_session_config_defaults_per_family():
         build_session_config("id", {"encoding": "opus"}, options)
 
 
-def test_invalid_query_parameter_is_an_error_after_begin_would_be(fake_v3):
-    server = fake_v3()
+def test_invalid_query_parameter_is_an_error_after_begin_would_be(v3_server):
+    server = v3_server()
     with RawClient(server.url, {"speech_model": US, "inactivity_timeout": 2}) as client:
         assert_error_close(client, 3005, re.compile(r"Session Cancelled: Invalid query .*"))
 
 
-def test_records_capture_headers_query_frames_and_close(fake_v3):
-    server = fake_v3(script=["hi"])
+def test_records_capture_headers_query_frames_and_close(v3_server):
+    server = v3_server()
     params = {"speech_model": US, "format_turns": "True", "keyterms_prompt": '["pttd"]'}
     with RawClient(server.url, params, headers={"User-Agent": "raw-test"}) as client:
         client.wait_type("Begin")
@@ -462,8 +470,8 @@ def test_force_endpoint_ends_the_turn_at_once(fake_v3, model):
 
 @pytest.mark.parametrize("policy, expected", [
     ("none", ["Begin", "Termination"]), ("empty_turn", ["Begin", "Turn", "Termination"])])
-def test_force_endpoint_without_speech(fake_v3, policy, expected):
-    server = fake_v3(faults=Faults(empty_force_endpoint=policy))
+def test_force_endpoint_without_speech(v3_server, policy, expected):
+    server = v3_server(faults=Faults(empty_force_endpoint=policy))
     with RawClient(server.url, {"speech_model": US}) as client:
         client.wait_type("Begin")
         client.send_audio(pcm(silence(200)))
@@ -560,8 +568,8 @@ def test_scripted_recognizer_is_deterministic():
 @pytest.mark.parametrize("encoding, rate, nbytes, shown", [
     ("pcm_s16le", 16000, 640, "20"), ("pcm_s16le", 16000, 35200, "1100"),
     ("pcm_mulaw", 8000, 320, "40"), ("pcm_s16le", 16000, 1599, "49.97")])
-def test_frame_outside_50_to_1000_ms_is_3007(fake_v3, encoding, rate, nbytes, shown):
-    server = fake_v3()
+def test_frame_outside_50_to_1000_ms_is_3007(v3_server, encoding, rate, nbytes, shown):
+    server = v3_server()
     with RawClient(server.url, {"speech_model": US, "encoding": encoding,
                                 "sample_rate": rate}) as client:
         client.wait_type("Begin")
@@ -571,8 +579,8 @@ def test_frame_outside_50_to_1000_ms_is_3007(fake_v3, encoding, rate, nbytes, sh
 
 
 @pytest.mark.parametrize("nbytes", [1600, 32000])
-def test_frames_of_exactly_50_and_1000_ms_are_fine(fake_v3, nbytes):
-    server = fake_v3()
+def test_frames_of_exactly_50_and_1000_ms_are_fine(v3_server, nbytes):
+    server = v3_server()
     with RawClient(server.url, {"speech_model": US}) as client:
         client.wait_type("Begin")
         client.send_audio(bytes(nbytes), frame_bytes=nbytes)
@@ -580,8 +588,8 @@ def test_frames_of_exactly_50_and_1000_ms_are_fine(fake_v3, nbytes):
 
 
 @pytest.mark.parametrize("prefix", ["", INPUT_DURATION_ERROR_PREFIX])
-def test_sending_faster_than_real_time_is_3007(fake_v3, prefix):
-    server = fake_v3(max_lead_s=1.0, duration_error_prefix=prefix)
+def test_sending_faster_than_real_time_is_3007(v3_server, prefix):
+    server = v3_server(max_lead_s=1.0, duration_error_prefix=prefix)
     with RawClient(server.url, {"speech_model": US}) as client:
         client.wait_type("Begin")
         try:
@@ -600,16 +608,16 @@ def test_sending_faster_than_real_time_is_3007(fake_v3, prefix):
     ('{"terminate_session": true}', 'Invalid Message Type: {"terminate_session": true}'),
 ])
 @pytest.mark.parametrize("legacy", [False, True])
-def test_bad_client_messages_are_3006_or_legacy_3005(fake_v3, text, error, legacy):
-    server = fake_v3(legacy_codes=legacy)
+def test_bad_client_messages_are_3006_or_legacy_3005(v3_server, text, error, legacy):
+    server = v3_server(legacy_codes=legacy)
     with RawClient(server.url, {"speech_model": US}) as client:
         client.wait_type("Begin")
         client.send_text(text)
         assert_error_close(client, 3005 if legacy else 3006, error)
 
 
-def test_long_error_text_gets_the_generic_close_reason(fake_v3):
-    server = fake_v3()
+def test_long_error_text_gets_the_generic_close_reason(v3_server):
+    server = v3_server()
     with RawClient(server.url, {"speech_model": US}) as client:
         client.wait_type("Begin")
         client.send_text("x" * 200)
@@ -618,8 +626,8 @@ def test_long_error_text_gets_the_generic_close_reason(fake_v3):
 
 
 @pytest.mark.parametrize("legacy, code", [(False, 3008), (True, 3005)])
-def test_session_expiry(fake_v3, legacy, code):
-    server = fake_v3(expires_in_s=0.5, legacy_codes=legacy)
+def test_session_expiry(v3_server, legacy, code):
+    server = v3_server(expires_in_s=0.5, legacy_codes=legacy)
     with RawClient(server.url, {"speech_model": US}) as client:
         begin = client.wait_type("Begin")
         assert_error_close(client, code, "Session Expired: Maximum session duration exceeded")
@@ -640,8 +648,8 @@ def test_new_session_limiter(fake_v3, legacy, code, text):
 
 
 @pytest.mark.parametrize("close_code", [3005, 1000])
-def test_inactivity_timeout_and_keepalive(fake_v3, close_code):
-    server = fake_v3(inactivity_min_s=0.5, inactivity_close_code=close_code)
+def test_inactivity_timeout_and_keepalive(v3_server, close_code):
+    server = v3_server(inactivity_min_s=0.5, inactivity_close_code=close_code)
     with RawClient(server.url, {"speech_model": US, "inactivity_timeout": 1}) as client:
         client.wait_type("Begin")
         for _ in range(5):   # 1.5 s of KeepAlives every 0.3 s keeps the session open
@@ -791,8 +799,8 @@ def test_fault_warning(fake_v3):
 
 @pytest.mark.parametrize("params, faults", [
     ({"session_heartbeat": "true"}, Faults()), ({}, Faults(heartbeat=True))])
-def test_heartbeats(fake_v3, params, faults):
-    server = fake_v3(heartbeat_interval_s=0.1, faults=faults)
+def test_heartbeats(v3_server, params, faults):
+    server = v3_server(heartbeat_interval_s=0.1, faults=faults)
     with RawClient(server.url, {"speech_model": "universal-3-5-pro", **params}) as client:
         client.wait_type("Begin")
         client.send_audio(pcm(silence(100)))

@@ -221,3 +221,38 @@ def test_missing_key_exits_2(tmp_path):
 def test_control_commands_without_daemon(tmp_path):
     r = run_cli("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_final_turn_in_real_journald(fake_v3, tmp_path):
+    from tests.journald import Journald, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    srv = fake_v3(script=["logged turn"], api_keys={KEY}, expires_in_s=60)
+    wav = tmp_path / "mic.wav"
+    speech_wav(wav)
+    sock = tmp_path / "ctl.sock"
+    cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY, wav=wav, socket=sock,
+                       journal=True, extra='speech_model = "universal-streaming-english"')
+    with Journald() as jd:
+        d = DaemonProcess(cfg, sock, popen=jd.popen)
+        try:
+            d.wait_ready()
+            press_and_release(d)
+            final = d.wait_event(lambda e: e["event"] == "final")
+            records = jd.wait_for_records(lambda rs: len(rs) >= 1, "PTTD_EVENT=final", timeout=20)
+            assert d.stop()[0] == 0
+        finally:
+            d.kill()
+        states = jd.records("PTTD_EVENT=state")
+    (rec,) = records
+    assert rec["MESSAGE"] == "Logged turn." == final["text"]
+    assert rec["SYSLOG_IDENTIFIER"] == "pttd" and rec["PRIORITY"] == "6"
+    assert rec["TURN_ORDER"] == "0" and rec["PRESS_ID"] == "1"
+    assert rec["SESSION_ID"] == final["session_id"] == srv.sessions[0].session_id
+    assert rec["SPEECH_MODEL"] == "universal-streaming-english"
+    assert rec["AUDIO_MS"] == str(final["audio_ms"]) and rec["LATENCY_MS"] == str(final["latency_ms"])
+    assert {r["PTTD_STATE"] for r in states} >= {"listening", "finalizing", "idle"}
+    assert all(r["PRIORITY"] == "7" for r in states)
+    assert KEY not in json.dumps(records + states)

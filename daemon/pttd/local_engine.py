@@ -19,8 +19,11 @@ Choices, measured on espeak-ng speech (x86, see bench/local_bench.py):
   end a turn in a noisy room.
 * **No re-decoding.** Audio is decoded once, incrementally, from speech onset (with pre-roll)
   until the turn ends; partials read the decoder's current best path at most every 200 ms.
-* **fwdflat off**: the second pass it runs at ``end_utt`` cost 60-200 ms of ForceEndpoint →
-  final latency here (several times that on a Pi) and 15% more CPU, for no accuracy gain seen.
+* **fwdflat and bestpath off.** fwdflat's second pass at ``end_utt`` costs 60-200 ms of
+  ForceEndpoint → final latency here (several times that on a Pi) and ~30% more CPU for
+  69% instead of 72% WER on ten espeak sentences. bestpath made no WER difference in free
+  dictation but breaks grammars: with it, pocketsphinx 5.1.1 turned a clearly decoded
+  "what time is it" into "what time" (not even a grammar phrase) whenever words had pauses.
 """
 from __future__ import annotations
 
@@ -68,11 +71,12 @@ MAX_IDLE_DECODERS = 1         # kept loaded between sessions (one PTT device = o
 MAX_GRAMMARS = 8              # per decoder; the oldest is dropped beyond this
 #: Loopback is open; any other address needs this key (the Authorization header).
 API_KEY_ENV = "PTTD_LOCAL_API_KEY"
-LOCAL_SPEECH_MODEL = "universal-streaming-english"
 
-#: pocketsphinx options: see the module docstring for fwdflat.
-DECODER_OPTIONS: dict[str, Any] = {"samprate": MODEL_RATE, "loglevel": "ERROR", "fwdflat": False}
+#: pocketsphinx options: see the module docstring for fwdflat and bestpath.
+DECODER_OPTIONS: dict[str, Any] = {"samprate": MODEL_RATE, "loglevel": "ERROR",
+                                   "fwdflat": False, "bestpath": False}
 
+_LM = "\0lm"   # not a valid grammar name, so never confused with one
 _NON_WORD = re.compile(r"[^a-z0-9']+")
 _ALT_PRONUNCIATION = re.compile(r"\(\d+\)$")
 
@@ -132,6 +136,9 @@ class _PooledDecoder:
         options = dict(DECODER_OPTIONS) if with_lm else dict(DECODER_OPTIONS, lm=None)
         self.decoder = Decoder(**options)
         self.with_lm = with_lm
+        #: Active search: _LM, a grammar name, or None. Tracked here because
+        #: ``Decoder.current_search()`` segfaults on a decoder with no search yet (5.1.1).
+        self._active: str | None = _LM if with_lm else None
         self.in_utterance = False
         self._grammars: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -140,27 +147,28 @@ class _PooledDecoder:
 
     def activate(self, grammar: Grammar | None) -> None:
         """Use ``grammar`` (None = the language model) for the next utterance."""
-        if grammar is None:
-            if not self.with_lm:
-                raise RuntimeError("this decoder has no language model; phrases are required")
-            name = None
-        else:
-            name = grammar.name
-            self._add(grammar)
-        if name is None or self.decoder.current_search() != name:
-            self.decoder.activate_search(name)
+        if grammar is None and not self.with_lm:
+            raise RuntimeError("this decoder has no language model; phrases are required")
+        name = _LM if grammar is None else self._add(grammar)
+        if self._active != name:
+            self.decoder.activate_search(None if grammar is None else name)
+            self._active = name
 
-    def _add(self, grammar: Grammar) -> None:
-        if grammar.name in self._grammars:
-            self._grammars.move_to_end(grammar.name)
-            return
-        if len(self._grammars) >= MAX_GRAMMARS:
+    def _add(self, grammar: Grammar) -> str:
+        """Compile the grammar once per decoder; keep at most MAX_GRAMMARS of them."""
+        name = grammar.name
+        if name in self._grammars:
+            self._grammars.move_to_end(name)
+            return name
+        self.decoder.add_jsgf_string(name, jsgf(grammar.phrases))
+        self._grammars[name] = None
+        if len(self._grammars) > MAX_GRAMMARS:
             oldest, _ = self._grammars.popitem(last=False)
-            if self.decoder.current_search() == oldest:
-                self.decoder.activate_search(None if self.with_lm else grammar.name)
+            if self._active == oldest:
+                self.decoder.activate_search(name)
+                self._active = name
             self.decoder.remove_search(oldest)
-        self.decoder.add_jsgf_string(grammar.name, jsgf(grammar.phrases))
-        self._grammars[grammar.name] = None
+        return name
 
     def start(self) -> None:
         self.decoder.start_utt()
@@ -221,7 +229,7 @@ class DecoderPool:
 # ================================================================================================
 
 class _Resampler:
-    """Stateful linear-interpolation resampler to 16 kHz (box pre-filter when downsampling).
+    """Stateful linear-interpolation resampler to 16 kHz, box pre-filter when downsampling.
 
     Only for sessions not at 16 kHz; adequate for a fallback recognizer, not for hi-fi.
     """
@@ -229,22 +237,26 @@ class _Resampler:
     def __init__(self, rate: int) -> None:
         self.step = rate / MODEL_RATE
         self.box = max(1, int(round(self.step)))
-        self._tail = np.zeros(0, dtype=np.float64)   # carried input: box history + last sample
-        self._pos = 0.0                              # next output position within the buffer
+        self._history = np.zeros(self.box - 1)    # raw input the box filter still needs
+        self._last: float | None = None           # last filtered sample (interpolation origin)
+        self._pos = 0.0                           # next output position, 0 = ``_last``
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
-        x = np.concatenate([self._tail, samples.astype(np.float64)])
+        raw = np.concatenate([self._history, samples.astype(np.float64)])
         if self.box > 1:
-            x = np.convolve(x, np.ones(self.box) / self.box, mode="valid")
-        if len(x) < 2:
-            self._tail = x if self.box == 1 else np.concatenate([self._tail, samples])[-self.box:]
+            filtered = np.convolve(raw, np.ones(self.box) / self.box, mode="valid")
+            self._history = raw[len(raw) - (self.box - 1):]
+        else:
+            filtered = raw
+        x = filtered if self._last is None else np.concatenate([[self._last], filtered])
+        if len(x) == 0:
             return np.zeros(0, dtype=np.int16)
-        positions = np.arange(self._pos, len(x) - 1, self.step)
+        span = len(x) - 1
+        count = int((span - self._pos) // self.step) + 1 if self._pos <= span else 0
+        positions = self._pos + self.step * np.arange(count)
+        self._pos += count * self.step - span
+        self._last = float(x[-1])
         out = np.interp(positions, np.arange(len(x)), x)
-        self._pos = (positions[-1] + self.step if len(positions) else self._pos) - (len(x) - 1)
-        keep = self.box  # box-1 samples of filter history + the last filtered sample's input
-        raw = np.concatenate([self._tail, samples.astype(np.float64)])
-        self._tail = raw[-keep:] if self.box > 1 else x[-1:]
         return np.clip(np.round(out), -32768, 32767).astype(np.int16)
 
 
@@ -291,7 +303,8 @@ class PocketsphinxRecognizer:
         self.base_phrases = tuple(phrases)
         self.min_silence_ms = config.min_turn_silence_ms
         self.max_silence_ms = config.max_turn_silence_ms
-        self.grammar = self._grammar_for(config.keyterms_prompt)
+        self._keyterms: tuple[Any, ...] | None = tuple(config.keyterms_prompt)  # None = applied
+        self.grammar: Grammar | None = Grammar(self.base_phrases) if self.base_phrases else None
         self._lock = threading.Lock()
         self._decoder: _PooledDecoder | None = None
         self._resample = _Resampler(config.sample_rate) if config.sample_rate != MODEL_RATE else None
@@ -324,8 +337,6 @@ class PocketsphinxRecognizer:
         with self._lock:
             if not self._in_turn:
                 return []
-            if len(self._pending):
-                self._decode(self._pending.tobytes())
             return [self._end_turn(confidence=1.0)]
 
     def finish(self) -> list[RecognizerEvent]:
@@ -340,7 +351,7 @@ class PocketsphinxRecognizer:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     setattr(self, attr, int(value))
             if isinstance(changes.get("keyterms_prompt"), list):
-                self.grammar = self._grammar_for(changes["keyterms_prompt"])
+                self._keyterms = tuple(changes["keyterms_prompt"])
 
     def close(self) -> None:
         """Give the decoder back to the pool (called by the server when the session ends)."""
@@ -351,19 +362,26 @@ class PocketsphinxRecognizer:
 
     # --- vocabulary ------------------------------------------------------------------------------
 
-    def _grammar_for(self, keyterms: Iterable[Any]) -> Grammar | None:
-        """Configured phrases + usable keyterms; None = free dictation (needs the LM)."""
-        extra = normalize_phrases(keyterms)
-        if extra:
-            unknown = self.pool.unknown_words(extra)
-            for phrase, words in unknown.items():
-                log.warning("session %s: keyterm %r dropped: not in the dictionary: %s",
-                            self.config.session_id, phrase, ", ".join(words))
-            extra = tuple(p for p in extra if p not in unknown)
-        phrases = tuple(dict.fromkeys(self.base_phrases + extra))
-        if not phrases and not self.pool.with_lm:
-            raise RuntimeError("a grammar-only decoder pool needs phrases")
-        return Grammar(phrases) if phrases else None
+    def _apply_keyterms(self, decoder: _PooledDecoder) -> None:
+        """Grammar = configured phrases + keyterms the dictionary knows; None = free dictation.
+
+        Runs at a turn start (on the recognizer's thread, with a decoder at hand), not in the
+        factory, which runs on the server's event loop.
+        """
+        if self._keyterms is None:
+            return
+        extra = normalize_phrases(self._keyterms)
+        self._keyterms = None
+        usable = []
+        for phrase in extra:
+            unknown = decoder.unknown_words(phrase)
+            if unknown:
+                log.warning("session %s: keyterm %r ignored, not in the dictionary: %s",
+                            self.config.session_id, phrase, ", ".join(unknown))
+            else:
+                usable.append(phrase)
+        phrases = tuple(dict.fromkeys(self.base_phrases + tuple(usable)))
+        self.grammar = Grammar(phrases) if phrases else None
 
     # --- per window ------------------------------------------------------------------------------
 
@@ -412,6 +430,7 @@ class PocketsphinxRecognizer:
     def _start_turn(self, onset_ms: int, margin_db: float) -> list[RecognizerEvent]:
         if self._decoder is None:
             self._decoder = self.pool.acquire()
+        self._apply_keyterms(self._decoder)
         self._decoder.activate(self.grammar)
         self._decoder.start()
         self._in_turn = True
@@ -451,7 +470,7 @@ class PocketsphinxRecognizer:
         words = []
         for seg in segments:
             text = _ALT_PRONUNCIATION.sub("", seg.word)
-            if not text or text[0] in "<[+":   # <s>, </s>, <sil>, [NOISE], ++fillers++
+            if not text or text[0] in "<[+(":   # <s>, </s>, <sil>, [NOISE], ++filler++, (NULL)
                 continue
             start = self._utt_start_ms + seg.start_frame * 1000 // FRAMES_PER_S
             end = self._utt_start_ms + (seg.end_frame + 1) * 1000 // FRAMES_PER_S
@@ -519,7 +538,7 @@ class LocalEngine(ServerThread):
                               f"{API_KEY_ENV} or use 127.0.0.1")
         self.factory = factory or PocketsphinxFactory(phrases)
         self._prewarm = prewarm
-        base = options or ServerOptions(default_speech_model=LOCAL_SPEECH_MODEL)
+        base = options or ServerOptions()
         options = dataclasses.replace(
             base, host=host, port=port, recognizer_in_thread=True,
             require_auth=bool(api_key),
