@@ -338,8 +338,9 @@ class AlsaSource(_Source):
     def _capture(self, pcm) -> None:
         conv = self._new_converter()
         warmup = self.capture_rate * self.warmup_ms // 1000 * conv.frame_bytes
+        descriptors = pcm.polldescriptors()
         poller = select.poll()
-        for fd, mask in pcm.polldescriptors():
+        for fd, mask in descriptors:
             poller.register(fd, mask)
         poller.register(self._wake_r, select.POLLIN)
         last_audio = time.monotonic()
@@ -347,7 +348,7 @@ class AlsaSource(_Source):
             events = poller.poll(self.stall_timeout_s * 250)
             if self._stop.is_set():
                 return
-            data = self._read(pcm) if self._readable(pcm, events) else None
+            data = self._read(pcm) if self._readable(pcm, descriptors, events) else None
             now = time.monotonic()  # after the read: a plugin may block inside it
             if data:
                 last_audio = now
@@ -356,7 +357,8 @@ class AlsaSource(_Source):
                 raise _DeviceLost(f"mic not found: {self.device}: no audio for "
                                   f"{now - last_audio:.1f} s")
 
-    def _readable(self, pcm, events: list[tuple[int, int]]) -> bool:
+    def _readable(self, pcm, descriptors: list[tuple[int, int]],
+                  events: list[tuple[int, int]]) -> bool:
         """Ask alsa-lib what the poll events mean: dsnoop/dmix descriptors (timers) must be
         demangled, or they would read as ready forever (and be cleared by this call)."""
         import alsaaudio
@@ -367,7 +369,7 @@ class AlsaSource(_Source):
             return False
         try:
             revents = pcm.polldescriptors_revents([(fd, got.get(fd, 0))
-                                                   for fd, _ in pcm.polldescriptors()])
+                                                   for fd, _ in descriptors])
         except alsaaudio.ALSAAudioError as exc:
             raise _DeviceLost(f"mic not found: {self.device}: {_alsa_reason(exc)}") from None
         return bool(revents & (select.POLLIN | select.POLLERR | select.POLLHUP

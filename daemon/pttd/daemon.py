@@ -75,16 +75,9 @@ class Daemon:
                         button_mode=self.cfg.button.mode)
 
     def _make_source(self):
-        from .audio import AlsaSource, WavSource
+        from .record import make_source
 
-        a = self.cfg.audio
-        if a.source == "wav":
-            return WavSource(a.wav, self.ring, sample_rate=a.sample_rate, chunk_ms=a.chunk_ms)
-        return AlsaSource(device=a.device, capture_format=a.capture_format,
-                          capture_channels=a.capture_channels, capture_rate=a.capture_rate,
-                          channel=a.channel, gain_db=a.gain_db, warmup_ms=a.warmup_ms,
-                          sample_rate=a.sample_rate, ring=self.ring,
-                          on_status=self._on_source_status)
+        return make_source(self.cfg, self.ring, on_status=self._on_source_status)
 
     def _new_session(self, on_event: Callable) -> Session:
         stt = self.cfg.stt
