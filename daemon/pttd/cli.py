@@ -142,6 +142,9 @@ def _socket_path(args) -> str:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # the demo's own lines tell the story
+
     return run_demo(jsonl=args.jsonl)
 
 

@@ -19,6 +19,8 @@ Choices, measured on espeak-ng speech (x86, see bench/local_bench.py):
   end a turn in a noisy room.
 * **No re-decoding.** Audio is decoded once, incrementally, from speech onset (with pre-roll)
   until the turn ends; partials read the decoder's current best path at most every 200 ms.
+  ``process_raw`` holds the GIL while it works, so audio goes in 20 ms at a time: other
+  threads of the process wait at most one such call (~2 ms here in free dictation).
 * **fwdflat and bestpath off.** fwdflat's second pass at ``end_utt`` costs 60-200 ms of
   ForceEndpoint → final latency here (several times that on a Pi) and ~30% more CPU for
   69% instead of 72% WER on ten espeak sentences. bestpath made no WER difference in free
@@ -72,8 +74,9 @@ MAX_GRAMMARS = 8              # per decoder; the oldest is dropped beyond this
 #: Loopback is open; any other address needs this key (the Authorization header).
 API_KEY_ENV = "PTTD_LOCAL_API_KEY"
 
-#: pocketsphinx options: see the module docstring for fwdflat and bestpath.
-DECODER_OPTIONS: dict[str, Any] = {"samprate": MODEL_RATE, "loglevel": "ERROR",
+#: pocketsphinx options: see the module docstring for fwdflat and bestpath. Its C library logs
+#: straight to stderr, and "errors" such as speech matching no phrase are normal here: FATAL.
+DECODER_OPTIONS: dict[str, Any] = {"samprate": MODEL_RATE, "loglevel": "FATAL",
                                    "fwdflat": False, "bestpath": False}
 
 _LM = "\0lm"   # not a valid grammar name, so never confused with one
@@ -436,7 +439,8 @@ class PocketsphinxRecognizer:
         self._in_turn = True
         self._utt_start_ms = (self._windows - len(self._preroll)) * WINDOW_MS
         self._last_partial_ms = self._windows * WINDOW_MS
-        self._decode(b"".join(self._preroll))
+        for window in self._preroll:   # window by window: process_raw holds the GIL
+            self._decode(window)
         self._preroll.clear()
         confidence = round(min(0.99, 0.5 + margin_db / 40.0), 3)
         return [SpeechOnset(onset_ms, confidence)]
@@ -445,6 +449,9 @@ class PocketsphinxRecognizer:
         assert self._decoder is not None
         self._decoder.end()
         words = tuple(dataclasses.replace(w, is_final=True) for w in self._words())
+        if not words and self.grammar is not None:
+            log.info("session %s: the speech matched none of the %d phrases",
+                     self.config.session_id, len(self.grammar.phrases))
         self._reset_turn()
         return Hypothesis(words, end_of_turn=True, end_of_turn_confidence=confidence)
 

@@ -259,6 +259,11 @@ class ButtonInput:
     def is_pressed(self) -> bool:
         return bool(self._button.is_pressed)
 
+    @property
+    def pin(self):
+        """The gpiozero pin (with the mock factory, ``pttd demo`` and tests drive it)."""
+        return self._button.pin
+
     def close(self) -> None:
         self._button.close()
 
