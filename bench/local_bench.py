@@ -8,7 +8,9 @@ child process so peak RSS is its own:
   process while streaming paced 50 ms frames through the real WebSocket server (server +
   recognizer + this client);
 * WER against the known texts (grammar mode: the command clips; free mode: every clip);
-* ForceEndpoint → final Turn latency, streaming in real time; partial Turns per audio second.
+* ForceEndpoint → final Turn latency, streaming in real time; partial Turns per audio second;
+* lateness of another Python thread (a 5 ms ticker) meanwhile: pocketsphinx holds the GIL while
+  it decodes, which is what an in-process engine costs the daemon's own threads.
 
 Run from the repository: ``python bench/local_bench.py [--reps N]``. Prints figures, never fails.
 """
@@ -135,6 +137,37 @@ def stream_through_server(url: str, pcm: bytes) -> tuple[str, float | None, int]
     return finals[0][1]["transcript"], finals[0][0] - forced_at, partials
 
 
+class Ticker:
+    """A thread that wakes every 5 ms and records how late each wake-up was."""
+
+    PERIOD_S = 0.005
+
+    def __init__(self) -> None:
+        self.lateness: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.PERIOD_S
+        while not self._stop.is_set():
+            time.sleep(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            self.lateness.append(now - due)
+            due = max(due + self.PERIOD_S, now)
+
+    def __enter__(self) -> "Ticker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def percentile_ms(self, q: float) -> float:
+        ordered = sorted(self.lateness)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
 def run_mode(mode: str, reps: int) -> dict:
     demo, audio = load_demo()
     rss_before = peak_rss_mb()
@@ -153,14 +186,15 @@ def run_mode(mode: str, reps: int) -> dict:
             pcm = audio[clip["file"]]
             text, used = decode_direct(factory, pcm)
             e, n = word_errors(clip["text"], text)
-            errors, words, cpu, audio_s = errors + e, words + n, cpu + used, audio_s + len(pcm) / 32000
+            errors, words, cpu = errors + e, words + n, cpu + used
+            audio_s += len(pcm) / 32000
             hypotheses.setdefault(clip["text"], text)
     result.update(wer=errors / words, rtf_recognizer=cpu / audio_s, examples=hypotheses)
     if mode == "grammar":
         dictation = next(c for c in demo["clips"] if c["kind"] == "dictation")
         result["out_of_grammar"] = decode_direct(factory, audio[dictation["file"]])[0]
     latencies, partials, cpu, audio_s, errors, words = [], 0, 0.0, 0.0, 0, 0
-    with LocalEngine(factory=factory) as engine:
+    with LocalEngine(factory=factory) as engine, Ticker() as ticker:
         for _ in range(reps):
             for clip in clips:
                 pcm = audio[clip["file"]]
@@ -177,6 +211,8 @@ def run_mode(mode: str, reps: int) -> dict:
                   latency_median_ms=1000 * statistics.median(latencies) if latencies else None,
                   latency_max_ms=1000 * max(latencies) if latencies else None,
                   finals=len(latencies), partials_per_audio_s=partials / audio_s,
+                  tick_late_p99_ms=ticker.percentile_ms(0.99),
+                  tick_late_max_ms=ticker.percentile_ms(1.0),
                   peak_rss_mb=peak_rss_mb())
     return result
 
@@ -193,14 +229,16 @@ def run_child(mode: str, reps: int) -> dict:
 
 def report(results: list[dict]) -> None:
     print(f"{'mode':8} {'clips':>5} {'WER':>6} {'WER(ws)':>8} {'RTF rec':>8} {'RTF proc':>9} "
-          f"{'FE→final med/max ms':>20} {'partials/s':>10} {'load s':>7} {'RSS MB':>14}")
+          f"{'FE→final med/max ms':>20} {'partials/s':>10} {'load s':>7} {'RSS MB':>12} "
+          f"{'tick late p99/max ms':>21}")
     for r in results:
         latency = (f"{r['latency_median_ms']:.0f}/{r['latency_max_ms']:.0f}"
                    if r["latency_median_ms"] is not None else "-")
         print(f"{r['mode']:8} {r['clips']:>5} {r['wer']:>6.1%} {r['wer_streaming']:>8.1%} "
               f"{r['rtf_recognizer']:>8.3f} {r['rtf_process_streaming']:>9.3f} {latency:>20} "
               f"{r['partials_per_audio_s']:>10.2f} {r['load_s']:>7.2f} "
-              f"{r['rss_before_mb']:>5.0f}→{r['peak_rss_mb']:<5.0f}")
+              f"{r['rss_before_mb']:>5.0f}→{r['peak_rss_mb']:<5.0f} "
+              f"{r['tick_late_p99_ms']:>10.1f}/{r['tick_late_max_ms']:<.1f}")
     for r in results:
         for reference, hypothesis in r["examples"].items():
             print(f"  {r['mode']:8} {reference!r:34} → {hypothesis!r}")
@@ -208,7 +246,8 @@ def report(results: list[dict]) -> None:
             print(f"  {r['mode']:8} out-of-grammar dictation       → {r['out_of_grammar']!r}")
     print("WER: recognizer alone; WER(ws): through the server, paced. RTF = CPU s per audio s "
           "(rec: recognizer alone; proc: whole process while streaming through the server). "
-          "RSS: peak, before any decoder → after the run.")
+          "RSS: peak, before any decoder → after the run. Tick late: a 5 ms ticker thread's "
+          "lateness while streaming (the GIL cost to other threads).")
 
 
 def main() -> int:

@@ -227,7 +227,7 @@ class FifoMic:
         return True
 
 
-# --- the feeder (runs in the forked child) ---------------------------------------------------------
+# --- the feeder (runs in the forked child) -------------------------------------------------------
 
 def _render(signal: Signal, start: int, n: int, channels: int, dtype: np.dtype) -> np.ndarray:
     if signal is None:

@@ -256,3 +256,48 @@ def test_final_turn_in_real_journald(fake_v3, tmp_path):
     assert {r["PTTD_STATE"] for r in states} >= {"listening", "finalizing", "idle"}
     assert all(r["PRIORITY"] == "7" for r in states)
     assert KEY not in json.dumps(records + states)
+
+
+def test_run_on_local_engine_without_key(tmp_path):
+    """url = "local" and no key: the daemon starts the offline engine in-process."""
+    import wave
+    from importlib import resources
+
+    clip = resources.files("pttd") / "data" / "lights_on.wav"
+    with wave.open(str(clip)) as w:
+        speech = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    mic = tmp_path / "mic.wav"
+    from tests.daemon_proc import write_wav
+    write_wav(mic, np.concatenate([np.zeros(RATE, "<i2"), speech, np.zeros(RATE * 3, "<i2")]))
+    sock = tmp_path / "ctl.sock"
+    cfg = tmp_path / "local.toml"
+    cfg.write_text(f"""
+[stt]
+url = "local"
+[audio]
+source = "wav"
+wav = "{mic}"
+[gpio]
+pin_factory = "mock"
+[control]
+socket = "{sock}"
+[output]
+stdout = "jsonl"
+journal = false
+[local]
+phrases = ["turn on the kitchen lights", "turn off the kitchen lights", "what time is it"]
+""")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("ASSEMBLYAI_API_KEY", "CREDENTIALS_DIRECTORY")}
+    d = DaemonProcess(cfg, sock, env={"ASSEMBLYAI_API_KEY": ""})
+    try:
+        d.wait_ready(timeout=30)
+        d.wait_audio_ms(700)
+        d.command("press")
+        d.wait_audio_ms(1000 + len(speech) * 1000 // RATE + 200)
+        d.command("release")
+        final = d.wait_event(lambda e: e["event"] == "final", timeout=30)
+        assert final["text"] == "Turn on the kitchen lights."
+        assert d.stop()[0] == 0
+    finally:
+        d.kill()

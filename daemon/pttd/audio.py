@@ -253,8 +253,9 @@ class AlsaSource(_Source):
         self._in_gap = False
         self._xrun_streak = 0
         self._last_xrun_report = float("-inf")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     def _new_converter(self) -> Converter:
         try:
@@ -270,13 +271,18 @@ class AlsaSource(_Source):
     # --- thread ----------------------------------------------------------------------------
 
     def _interrupt(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._wake_lock:  # the thread closes the pipe on exit: never write to a stale fd
+            if self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass
 
     def _run(self) -> None:
         backoff = self.BACKOFF_START_S
+        with self._wake_lock:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
         try:
             while not self._stop.is_set():
                 opened_at = time.monotonic()
@@ -292,8 +298,10 @@ class AlsaSource(_Source):
                 backoff = min(self.BACKOFF_MAX_S, backoff * 2)
         finally:
             self.state = "stopped"
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = None
 
     def _session(self) -> None:
         """One open → capture → close cycle; returns on stop, raises _DeviceLost on failure."""

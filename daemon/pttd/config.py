@@ -16,6 +16,7 @@ from typing import Any, Callable
 DEFAULT_PATH = "/etc/pttd/pttd.toml"
 CLOUD_URL = "wss://streaming.assemblyai.com/v3/ws"
 CREDENTIAL_NAME = "assemblyai-api-key"
+DEFAULT_KEY_FILE = "/etc/pttd/api-key"   # what the shipped unit loads as that credential
 
 
 class ConfigError(ValueError):
@@ -343,6 +344,9 @@ def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
         # the shipped tmpfiles snippet creates /etc/pttd/api-key empty: that means "no key yet"
         return _read_key(Path(cred_dir) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}",
                          allow_empty=True)
+    # `pttd check` run by hand (outside the unit) finds the key where the installer put it
+    if os.access(DEFAULT_KEY_FILE, os.R_OK):
+        return _read_key(Path(DEFAULT_KEY_FILE), DEFAULT_KEY_FILE, allow_empty=True)
     return Secret("", origin="")
 
 

@@ -13,6 +13,7 @@ truncation noise. float32 holds 24 significant bits, exactly what the mic delive
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -208,7 +209,8 @@ class LevelReport:
             parts.append(f"ch{i} all zeros" if c.all_zeros
                          else f"ch{i} peak {c.peak_dbfs:6.1f} rms {c.rms_dbfs:6.1f}")
         bar = _bar(self.out_rms_dbfs)
-        sent = f"sent peak {self.out_peak_dbfs:6.1f} rms {self.out_rms_dbfs:6.1f} dBFS {bar}"
+        sent = (f"sent silence {bar}" if self.out_peak_dbfs == float("-inf") else
+                f"sent peak {self.out_peak_dbfs:6.1f} rms {self.out_rms_dbfs:6.1f} dBFS {bar}")
         clip = f"  CLIPPED {self.clipped}" if self.clipped else ""
         return " | ".join(parts + [sent]) + clip
 
@@ -220,11 +222,15 @@ def _bar(level_dbfs: float, width: int = 20) -> str:
 
 
 class LevelMeter:
-    """Accumulates peak/RMS/DC per input channel and of the output until ``take()``."""
+    """Accumulates peak/RMS/DC per input channel and of the output until ``take()``.
+
+    The capture thread adds; ``pttd check`` takes from another thread, hence the lock.
+    """
 
     def __init__(self, channels: int, full_scale: float):
         self.channels = channels
         self.full_scale = full_scale
+        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
@@ -246,22 +252,34 @@ class LevelMeter:
         if not frames.shape[1]:
             return
         peak = np.maximum(frames.max(axis=1), -frames.min(axis=1))
-        np.maximum(self._peak, peak, out=self._peak)
-        self._sumsq += np.einsum("ij,ij->i", frames, frames)
-        self._sum += frames.sum(axis=1)
-        self._frames += frames.shape[1]
+        sumsq = np.einsum("ij,ij->i", frames, frames)
+        total = frames.sum(axis=1)
+        with self._lock:
+            np.maximum(self._peak, peak, out=self._peak)
+            self._sumsq += sumsq
+            self._sum += total
+            self._frames += frames.shape[1]
 
     def add_output(self, y: np.ndarray, clipped: int) -> None:
         """``y``: the int16 output samples."""
+        peak = sumsq = 0.0
         if len(y):
             yf = y.astype(np.float32)
-            self._out_peak = max(self._out_peak, float(np.abs(yf).max()))
-            self._out_sumsq += float(np.dot(yf, yf))
+            peak, sumsq = float(np.abs(yf).max()), float(np.dot(yf, yf))
+        with self._lock:
+            self._out_peak = max(self._out_peak, peak)
+            self._out_sumsq += sumsq
             self._out_n += len(y)
-        self._clipped += clipped
+            self._clipped += clipped
 
     def take(self) -> LevelReport:
         """The levels since the last call, then start over."""
+        with self._lock:
+            report = self._report()
+            self._reset()
+        return report
+
+    def _report(self) -> LevelReport:
         n = max(1, self._frames)
         fs = self.full_scale
         chans = [ChannelLevel(dbfs(float(self._peak[c]), fs),
@@ -269,10 +287,8 @@ class LevelMeter:
                               dbfs(abs(float(self._sum[c])) / n, fs))
                  for c in range(self.channels)]
         out_rms = math.sqrt(self._out_sumsq / self._out_n) if self._out_n else 0.0
-        report = LevelReport(chans, dbfs(self._out_peak), dbfs(out_rms), self._clipped,
-                             self._frames)
-        self._reset()
-        return report
+        return LevelReport(chans, dbfs(self._out_peak), dbfs(out_rms), self._clipped,
+                           self._frames)
 
 
 # --- the converter -------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class Daemon:
         from .service import Notifier
 
         cfg = self.cfg
-        if self.url_override is None:
+        if self.url_override is None and not cfg.is_local:
             require_api_key(cfg)
         a = cfg.audio
         self.ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
@@ -112,6 +112,8 @@ class Daemon:
         from .service import Watchdog
 
         cfg = self.cfg
+        if cfg.is_local and self.url_override is None:
+            self._start_local_engine()
         self.source.start()
         self._parts.append(("capture", self.source.stop))
         self.controller.start()
@@ -142,6 +144,18 @@ class Daemon:
         self.watchdog.start()
         self._parts.append(("watchdog", self.watchdog.stop))
 
+    def _start_local_engine(self) -> None:
+        """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
+        try:
+            from .local_engine import LocalEngine
+        except ImportError as exc:
+            raise StartupError(f'stt.url = "local" needs the offline engine: '
+                               f"pip install 'pttd[local]' ({exc})") from None
+        engine = LocalEngine(phrases=list(self.cfg.local.phrases))
+        engine.start()
+        self._parts.append(("engine", engine.stop))
+        self.url_override = engine.url
+
     def run(self) -> int:
         """Block until stopped; returns the exit code."""
         ready = False
@@ -159,7 +173,7 @@ class Daemon:
 
     # Stop order: no new presses, then let the controller finish the turn (its final still
     # reaches subscribers and journald), then the rest; capture last so the turn has its audio.
-    _STOP_ORDER = ("button", "controller", "control", "watchdog", "leds", "capture")
+    _STOP_ORDER = ("button", "controller", "control", "watchdog", "leds", "capture", "engine")
 
     def shutdown(self) -> None:
         """Stop in a fixed order; every part is joined with a timeout (5 s in all)."""

@@ -134,7 +134,7 @@ class _PooledDecoder:
     """One pocketsphinx Decoder plus the grammar searches already compiled into it."""
 
     def __init__(self, with_lm: bool) -> None:
-        from pocketsphinx import Decoder  # imported late: ~40 ms, only when really needed
+        from pocketsphinx import Decoder  # imported late: only engines need it
 
         options = dict(DECODER_OPTIONS) if with_lm else dict(DECODER_OPTIONS, lm=None)
         self.decoder = Decoder(**options)
@@ -310,7 +310,8 @@ class PocketsphinxRecognizer:
         self.grammar: Grammar | None = Grammar(self.base_phrases) if self.base_phrases else None
         self._lock = threading.Lock()
         self._decoder: _PooledDecoder | None = None
-        self._resample = _Resampler(config.sample_rate) if config.sample_rate != MODEL_RATE else None
+        rate = config.sample_rate
+        self._resample = _Resampler(rate) if rate != MODEL_RATE else None
         self._vad = EnergyVad()
         self._pending = np.zeros(0, dtype=np.int16)
         self._windows = 0                      # 20 ms windows consumed (the stream clock)
@@ -573,8 +574,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, phrases: list[str] | None =
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    api_key = os.environ.get(API_KEY_ENV) or None
     try:
-        with LocalEngine(phrases, host, port, api_key=os.environ.get(API_KEY_ENV) or None) as engine:
+        with LocalEngine(phrases, host, port, api_key=api_key) as engine:
             log.info("local engine (%s) listening on %s", engine.mode, engine.url)
             print(engine.url, flush=True)
             stop.wait()
