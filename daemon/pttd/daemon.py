@@ -160,7 +160,10 @@ class Daemon:
         """Block until stopped; returns the exit code."""
         ready = False
         while not self._stop.is_set():
-            if not ready and self.source.first_audio.is_set():
+            # READY once the mic delivers audio; a mic that is missing at start still gets the
+            # unit "active" (STATUS=offline: ...) so it stays up and retries instead of looping
+            if not ready and (self.source.first_audio.is_set()
+                              or getattr(self.source, "state", "") == "offline"):
                 ready = True
                 self.notifier.ready(self._status_now())
             self._stop.wait(0.05 if not ready else 0.5)
