@@ -207,3 +207,26 @@ def _wait_until(predicate, timeout: float) -> None:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.01)
 
+
+
+def test_notify_never_blocks_when_the_receiver_does_not_read(tmp_path):
+    """A full NOTIFY_SOCKET queue drops messages instead of blocking the controller thread."""
+    import socket as _socket
+    import threading as _threading
+
+    path = str(tmp_path / "full.sock")
+    receiver = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    receiver.bind(path)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    done = _threading.Event()
+
+    def flood():
+        for _ in range(2000):
+            notifier.status("listening")
+        done.set()
+
+    t = _threading.Thread(target=flood, daemon=True)
+    t.start()
+    assert done.wait(10), "sd_notify blocked on a full socket"
+    notifier.close()
+    receiver.close()

@@ -58,6 +58,9 @@ class Notifier:
             with self._lock:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # never block the caller (the controller): a receiver that does not read
+                    # its queue makes a blocking sendto hang; drop the message instead
+                    self._sock.setblocking(False)
                 self._sock.sendto(data, self._address)
             return True
         except OSError as exc:
