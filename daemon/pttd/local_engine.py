@@ -71,6 +71,8 @@ VAD_MIN_DB = -50.0            # ... and above this absolute level (dBFS)
 VAD_FLOOR_MS = 2000           # the floor is the quietest window of this trailing span
 MAX_IDLE_DECODERS = 1         # kept loaded between sessions (one PTT device = one session)
 MAX_GRAMMARS = 8              # per decoder; the oldest is dropped beyond this
+#: Closing handshake wait: loopback answers in ms, and an in-process engine's stop must be quick.
+CLOSE_TIMEOUT_S = 1.0
 #: Loopback is open; any other address needs this key (the Authorization header).
 API_KEY_ENV = "PTTD_LOCAL_API_KEY"
 
@@ -549,6 +551,7 @@ class LocalEngine(ServerThread):
         base = options or ServerOptions()
         options = dataclasses.replace(
             base, host=host, port=port, recognizer_in_thread=True,
+            close_timeout_s=min(base.close_timeout_s, CLOSE_TIMEOUT_S),
             require_auth=bool(api_key),
             api_keys=frozenset({api_key}) if api_key else base.api_keys)
         super().__init__(options, self.factory, faults)
