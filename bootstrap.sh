@@ -14,8 +14,10 @@ SUDO=""
 # Build deps for pyalsaaudio and systemd-python; espeak-ng/sox make the demo's speech fixtures.
 APT_RUNTIME="python3 python3-venv python3-dev gcc pkg-config libasound2-dev libsystemd-dev"
 # Real parts the tests drive: alsa-lib's file plugin (alsa-utils for aplay/arecord),
-# systemd-journald / systemd-analyze, util-linux's unshare, espeak-ng and sox for speech audio.
-APT_TEST="alsa-utils systemd util-linux espeak-ng sox"
+# systemd-journald / systemd-analyze, util-linux's unshare, espeak-ng and sox for speech audio,
+# mosquitto (+ mosquitto_passwd in mosquitto-clients, openssl for the TLS test) for MQTT, and
+# the kernel headers python-evdev builds against.
+APT_TEST="alsa-utils systemd util-linux espeak-ng sox mosquitto mosquitto-clients openssl linux-libc-dev"
 
 need=()
 for pkg in $APT_RUNTIME $([ "$what" = test ] && echo "$APT_TEST"); do
@@ -35,7 +37,7 @@ case "$what" in
     exec .venv/bin/pttd demo "$@"
     ;;
   test)
-    .venv/bin/python -m pip install -q -e '.[test,local]'
+    .venv/bin/python -m pip install -q -e '.[test,local,mqtt,type]'
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)

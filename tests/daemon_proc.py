@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 RATE = 16000
 
@@ -160,3 +161,28 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """``make(srv, extra=..., layout=...)`` starts ``pttd run`` against ``srv`` (key KEY) and
+    returns ``(DaemonProcess, wav samples)``; every daemon is killed at teardown."""
+    started = []
+
+    def make(srv, extra="", layout=None, journal=False, key=None):
+        wav = tmp_path / "mic.wav"
+        samples = speech_wav(wav, **({"layout": layout} if layout else {}))
+        sock = tmp_path / "ctl.sock"
+        cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=key or E2E_KEY, wav=wav,
+                           socket=sock, extra=extra, journal=journal)
+        d = DaemonProcess(cfg, sock)
+        started.append(d)
+        d.wait_ready()
+        return d, samples
+
+    yield make
+    for d in started:
+        d.kill()
+
+
+E2E_KEY = "e2e-key-0123456789"

@@ -18,26 +18,6 @@ KEY = "e2e-key-0123456789"
 CHUNK = 800  # 50 ms at 16 kHz
 
 
-@pytest.fixture
-def daemon_factory(tmp_path):
-    started = []
-
-    def make(srv, extra="", layout=None, journal=False):
-        wav = tmp_path / "mic.wav"
-        samples = speech_wav(wav, **({"layout": layout} if layout else {}))
-        sock = tmp_path / "ctl.sock"
-        cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY, wav=wav, socket=sock,
-                           extra=extra, journal=journal)
-        d = DaemonProcess(cfg, sock)
-        started.append(d)
-        d.wait_ready()
-        return d, samples
-
-    yield make
-    for d in started:
-        d.kill()
-
-
 def locate(received: bytes, samples: np.ndarray) -> int:
     """Sample offset of the received audio inside the WAV (the noise makes it unique)."""
     head = np.frombuffer(received[:CHUNK * 2], dtype="<i2")

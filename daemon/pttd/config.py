@@ -149,21 +149,62 @@ class OutputConfig:
     stdout: str = _opt("text", _one_of("text", "jsonl", "none"))
     journal: bool = _opt(True)
     hook: list = _opt([], _str_list)
-    type: bool = _opt(False)
+    type: bool = _opt(False, None, "type finals into the focused app (uinput keyboard)")
+    type_layout: str = _opt("us", _one_of("us", "gb", "de"), "the system's keyboard layout")
+    type_trailing: str = _opt("space", _one_of("space", "newline", "none"), "typed after a final")
+    type_partials: bool = _opt(False, None, "type partials' stable words as they firm up")
+    type_delay_ms: int = _opt(10, _between(0, 100), "pause between keystrokes")
+    hook_timeout_s: float = _opt(10.0, _between(0.1, 3600), "a hook run longer than this is killed")
+    hook_retries: int = _opt(2, _between(0, 10), "extra runs after a failed one")
+
+
+def _listen(v: str) -> str | None:
+    host, sep, port = v.rpartition(":")
+    if v == "" or (sep and port.isdigit() and 1 <= int(port) <= 65535):
+        return None
+    return 'must be HOST:PORT, e.g. "127.0.0.1:8766" (or "" for off)'
+
+
+def _origin_list(v: list) -> str | None:
+    if all(isinstance(x, str) and x.startswith(("http://", "https://")) and x.count("/") == 2
+           for x in v):
+        return None
+    return 'must list origins like "http://localhost:3000" (scheme://host[:port], no path)'
 
 
 @dataclass(frozen=True)
 class KioskConfig:
-    listen: str = _opt("")
-    token: str = _opt("")
+    listen: str = _opt("", _listen, "HOST:PORT of the kiosk page and WebSocket; \"\" = off")
+    token: str = _opt("", None, "required from clients when set; required for non-loopback listen")
+    allowed_origins: list = _opt([], _origin_list, "extra browser origins allowed on /ws")
+
+
+def _mqtt_url(v: str) -> str | None:
+    """"" (off) or a URL mqtt.parse_url accepts (it imports no MQTT library)."""
+    if v == "" or "@" in v:
+        return None  # credentials in the URL: the daemon refuses it without echoing them
+    from .mqtt import MqttError, parse_url
+
+    try:
+        parse_url(v)
+    except MqttError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
+
+
+def _topic_level(v: str) -> str | None:
+    return "must not contain '/', '+' or '#'" if any(c in v for c in "/+#\0") else None
 
 
 @dataclass(frozen=True)
 class MqttConfig:
-    url: str = _opt("")
-    device_id: str = _opt("")
+    url: str = _opt("", _mqtt_url, "mqtt://host[:1883] or mqtts://host[:8883]; \"\" = off")
+    device_id: str = _opt("", _topic_level, "topic level pttd/<device_id>/...; \"\" = hostname")
     username: str = _opt("")
-    password_file: str = _opt("")
+    password_file: str = _opt("", None, "file holding the broker password (needs username)")
+    publish_partials: bool = _opt(False, None, "also publish partials (QoS 0)")
+    ha_discovery: bool = _opt(False, None, "Home Assistant discovery: sensor + button")
+    keepalive_s: int = _opt(30, _between(5, 3600), "the broker sends the will after 1.5x this")
 
 
 @dataclass(frozen=True)

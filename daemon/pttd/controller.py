@@ -26,6 +26,14 @@ from .streamer import StreamDone, StreamFailed, Streamer
 log = logging.getLogger(__name__)
 
 QUEUE_BOUND = 1024
+# A warm session is not kept when it would expire (Begin.expires_at, close code 3008) within
+# its keep-warm time plus this margin: the next press gets a fresh session instead.
+EXPIRY_MARGIN_S = 60.0
+
+
+def _lifetime_left(session: Session) -> float:
+    expires = session.begin.expires_at if session.begin is not None else None
+    return float("inf") if expires is None else expires - time.time()
 
 
 # --- queue items ---------------------------------------------------------------------------------
@@ -90,6 +98,8 @@ class Press:
     last_partial: str = ""
     finals: int = 0
     cancelled: bool = False
+    queued: bool = False                 # waiting for the network / an earlier press
+    late: bool = False                   # delivered after the network came back
     done: bool = False
     lost_samples: int = 0
     audio_ms: float = 0.0
@@ -121,6 +131,7 @@ class Controller:
         self._warm_until: float | None = None
         self._auth_blocked = False
         self._mic_offline: str | None = None
+        self._net_down: str | None = None     # why the server cannot be reached, while so
         self._toggled_on = False
         self._stopping: _Stop | None = None
         self.state = State.IDLE
@@ -241,9 +252,13 @@ class Controller:
                         else previous.end_pos)
         self._press_counter += 1
         press = Press(self._press_counter, start, at)
+        waiting = [p for p in self._presses if not p.done and (p.queued or p.retry_at)]
         self._presses.append(press)
         self._auth_blocked = False  # an explicit press earns one more try after a 1008
-        self._open_session(press)
+        if self._net_down or waiting:
+            press.queued = press.late = True  # captured now, sent in order when it can be
+        else:
+            self._open_session(press)
         self._refresh_state()
 
     def _release(self, at: float) -> None:
@@ -258,10 +273,11 @@ class Controller:
         self._refresh_state()
 
     def _cancel(self) -> None:
-        for press in self._presses:
-            if not press.done:
-                press.cancelled = True
-                self._finish_press(press, terminate=True)
+        live = [p for p in self._presses if not p.done]
+        for press in live:
+            press.cancelled = True
+        for press in live:
+            self._finish_press(press, terminate=True)
         self._refresh_state()
 
     # --- sessions --------------------------------------------------------------------------------
@@ -288,6 +304,7 @@ class Controller:
     def _on_session(self, session: Session, event: object) -> None:
         press = self._press_of(session)
         if isinstance(event, Begin):
+            self._net_down = None
             if press is not None and not press.done:
                 press.stream_base_ms = 0.0
                 self._start_streaming(press)
@@ -338,6 +355,8 @@ class Controller:
         extra = {}
         if press.lost_samples:
             extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
+        if press.late:
+            extra["late"] = True
         if turn.transcript:
             event = events.final_event(turn.transcript, turn.turn_order, session.id or "",
                                        press.press_id, self._audio_ms(press), latency,
@@ -384,7 +403,11 @@ class Controller:
             self._finish_press(press, terminate=False)
             self._set_state(State.ERROR, policy.message)
             return
-        if not policy.retry or press.attempts >= self.s.max_connect_attempts:
+        offline = policy.kind == "transport" and closed.before_begin
+        if offline:
+            self._net_down = closed.reason or "cannot reach the server"
+            press.late = True
+        elif not policy.retry or press.attempts >= self.s.max_connect_attempts:
             self._report_error(closed, None)
             self._finish_press(press, terminate=False)
             self._refresh_state()
@@ -407,10 +430,26 @@ class Controller:
         if press.streamer is not None:
             press.streamer.stop(0.5)
         session = press.session
-        if session is None:
+        if session is not None:
+            self._release_session(press, session, terminate)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        """Queued presses go out one at a time, oldest first, so they are delivered in order."""
+        if self._net_down or self._stopping is not None:
             return
+        live = [p for p in self._presses if not p.done]
+        if any(not p.queued and (p.session is not None or p.retry_at) for p in live):
+            return
+        nxt = next((p for p in live if p.queued and not p.cancelled), None)
+        if nxt is not None:
+            nxt.queued = False
+            self._open_session(nxt)
+
+    def _release_session(self, press: Press, session: Session, terminate: bool) -> None:
         keep = (terminate and not press.cancelled and self.s.keep_warm_s > 0 and session.is_open
-                and self._stopping is None and self._warm is None)
+                and self._stopping is None and self._warm is None
+                and _lifetime_left(session) > self.s.keep_warm_s + EXPIRY_MARGIN_S)
         if keep:
             self._warm, self._warm_until = session, self._clock() + self.s.keep_warm_s
         elif terminate and session.is_open:
@@ -462,6 +501,13 @@ class Controller:
 
     def _retry(self, press: Press) -> None:
         oldest = press.replay_pos if press.replay_pos is not None else press.start_pos
+        if press.end_pos is not None and press.end_pos <= self.ring.start:
+            self._emit(events.error_event(None, f"press {press.press_id}: its audio was "
+                                          "overwritten before the server could be reached "
+                                          f"(the ring buffer holds {self.ring.capacity // self.s.sample_rate} s)"))
+            press.retry_at = None
+            self._finish_press(press, terminate=False)
+            return
         if oldest < self.ring.start:
             press.lost_samples += self.ring.start - oldest
             press.replay_pos = self.ring.start
@@ -475,6 +521,8 @@ class Controller:
         live = [p for p in self._presses if not p.done]
         if self._mic_offline:
             self._set_state(State.OFFLINE, self._mic_offline)
+        elif self._net_down:
+            self._set_state(State.OFFLINE, f"server unreachable: {self._net_down}")
         elif not live:
             if self.state is not State.ERROR or not self._auth_blocked:
                 self._set_state(State.IDLE, "")

@@ -59,6 +59,8 @@ class Daemon:
             sinks.append(JournalSink(cfg.stt.speech_model))
         self.control_sink = _LateSink()
         sinks.append(self.control_sink)
+        sinks += self._kiosk_and_hook_sinks()
+        sinks += self._typing_and_mqtt_sinks()
         self.outputs = Outputs(sinks)
         try:
             self.source = self._make_source()
@@ -140,9 +142,81 @@ class Daemon:
             raise StartupError(str(exc)) from None
         self._parts.append(("control", self.control.stop))
         self.control_sink.target = self.control.publish
+        if self.kiosk is not None:
+            self._start_kiosk()
+        if self.mqtt is not None:
+            self._start_mqtt()
         self.watchdog = Watchdog(self.notifier, progress=lambda: self.source.progress)
         self.watchdog.start()
         self._parts.append(("watchdog", self.watchdog.stop))
+
+    # --- kiosk endpoint and hook command: both are output sinks ------------------------------------
+
+    def _kiosk_and_hook_sinks(self) -> list:
+        """The hook runs per final; the kiosk mirrors every event (it also takes commands)."""
+        import shutil
+
+        from .hook import HookSink
+        from .kiosk import KioskError, KioskServer
+
+        out, k = self.cfg.output, self.cfg.kiosk
+        sinks: list = []
+        if out.hook:
+            if shutil.which(out.hook[0]) is None:
+                raise StartupError(f"output.hook: {out.hook[0]} is not an executable program")
+            sinks.append(HookSink(out.hook, out.hook_timeout_s, out.hook_retries))
+        self.kiosk = None
+        if k.listen:
+            try:
+                self.kiosk = KioskServer(k.listen, lambda cmd: self.controller.command(cmd, "kiosk"),
+                                         token=k.token, allowed_origins=k.allowed_origins)
+            except KioskError as exc:
+                raise StartupError(str(exc)) from None
+            sinks.append(self.kiosk)
+        return sinks
+
+    def _start_kiosk(self) -> None:
+        """Its server closes with the outputs (so the last final reaches the page); the "kiosk"
+        part only stops its commands, early, like the button."""
+        from .kiosk import KioskError
+
+        try:
+            self.kiosk.start()
+        except KioskError as exc:
+            raise StartupError(str(exc)) from None
+        self._parts.append(("kiosk", self.kiosk.stop_commands))
+
+    # --- typing and MQTT (issue 10): both are output sinks ------------------------------------------
+
+    def _typing_and_mqtt_sinks(self) -> list:
+        """Built here so a missing library, /dev/uinput or password file stops start-up (exit 2)."""
+        from .mqtt import MqttBridge, MqttError
+        from .typing_sink import TypingError, TypingSink
+
+        out, sinks = self.cfg.output, []
+        self.mqtt = None
+        if self.cfg.mqtt.url:
+            try:
+                self.mqtt = MqttBridge.from_config(
+                    self.cfg.mqtt, on_command=lambda cmd: self.controller.command(cmd, "mqtt"))
+            except MqttError as exc:
+                raise StartupError(str(exc)) from None
+            sinks.append(self.mqtt)
+        if out.type:
+            try:
+                sinks.append(TypingSink.open(out.type_layout, trailing=out.type_trailing,
+                                             partials=out.type_partials,
+                                             delay_ms=out.type_delay_ms))
+            except TypingError as exc:
+                raise StartupError(str(exc)) from None
+        return sinks
+
+    def _start_mqtt(self) -> None:
+        """Connects in the background. Like the kiosk, the connection closes with the outputs
+        (after the last final and the retained "offline" state); the "mqtt" part only stops
+        its commands, early, like the button."""
+        self.mqtt.start()
+        self._parts.append(("mqtt", self.mqtt.stop_commands))
 
     def _start_local_engine(self) -> None:
         """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
@@ -174,9 +248,13 @@ class Daemon:
 
         return status_text(self.controller.state, self.controller.state_detail)
 
-    # Stop order: no new presses, then let the controller finish the turn (its final still
-    # reaches subscribers and journald), then the rest; capture last so the turn has its audio.
-    _STOP_ORDER = ("button", "controller", "control", "watchdog", "leds", "capture", "engine")
+    # Stop order: no new presses (button, kiosk commands), then let the controller finish the turn
+    # (its final still reaches subscribers, journald and kiosk pages: the kiosk server itself
+    # closes in outputs.close()), then the rest; capture last so the turn has its audio.
+    # "mqtt" stops only MQTT commands; its connection (like the typing keyboard) closes in
+    # outputs.close(), after the sink's worker has delivered the last final.
+    _STOP_ORDER = ("button", "kiosk", "mqtt", "controller", "control", "watchdog", "leds",
+                   "capture", "engine")
 
     def shutdown(self) -> None:
         """Stop in a fixed order; every part is joined with a timeout (5 s in all)."""

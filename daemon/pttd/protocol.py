@@ -308,7 +308,7 @@ _BAD_AUDIO = ClosePolicy("client_bug", True, 1.0, 30.0,
                          "the server rejected pttd's audio frames or pacing (3007): this is a "
                          "pttd bug, please report it", bug=True)
 _SERVER = ClosePolicy("server", True, 1.0, 30.0, "the server cancelled the session; retrying")
-_TRANSPORT = ClosePolicy("transport", True, 0.5, 30.0,
+_TRANSPORT = ClosePolicy("transport", True, 0.5, 5.0,
                          "connection to the server lost; reconnecting")
 _IDLE = ClosePolicy("idle", True, 0.0, 0.0, "session closed for inactivity")
 

@@ -1,0 +1,805 @@
+"""pttd side by side with AssemblyAI's Python SDK and a bare websocket-client loop.
+
+    python bench/compare_sdk.py [--seconds 60] [--presses 20] [--only pttd,session,sdk,bare]
+                                [--plot bench/send_lateness.png] [--json FILE]
+
+The same WAV (tone "speech" 1.2 s / silence 1.8 s, so the server ends a turn every 3 s by
+silence), paced in real time, to the same fake v3 server (tests/fakes/fake_v3.py, in its own
+process, on 127.0.0.1), through four contenders, each in its own fresh process, one after the
+other on this machine:
+
+* ``pttd``    the whole daemon: the installed ``pttd run`` code path (``pttd.cli.main``) with a
+              WAV source, mock GPIO and jsonl stdout; one press at READY=1 and a release after
+              ``--seconds`` of audio via the control socket, then ``--presses`` short presses
+              for the release -> ForceEndpoint figures, then 5 s idle.
+* ``session`` pttd's ``Session`` alone, fed by a pacing loop (no daemon around it).
+* ``sdk``     ``assemblyai.streaming.v3.RealTimeTranscriber`` fed by the same pacing loop
+              (``api_host="ws://127.0.0.1:PORT"``: the SDK builds ``ws://`` URLs itself when
+              ``api_host`` starts with ``ws://``, so nothing is patched).
+* ``bare``    websocket-client: a pacing loop that sends, and a reader thread (the floor).
+
+Every contender reads its frames from the WAV file as it goes (``wave.readframes``; pttd's WAV
+source does the same), opens the session, streams ``--seconds`` of audio, sends ForceEndpoint and
+waits for that turn's final. Figures:
+
+* CPU per audio second: the process's own user+system CPU (``getrusage``, every thread, also
+  threads that ended) from the start of connecting (pttd: the press) to the last final, divided
+  by the audio seconds sent. pttd's idle cost (mic running, no press) is shown apart.
+* peak RSS: ``VmHWM`` of the process at its end.
+* import time: a fresh interpreter importing every non-stdlib module the contender had loaded
+  (pttd: what ``pttd run`` loaded), median of 3.
+* start -> first frame: ``Popen`` to the server receiving the first audio frame (pttd: includes
+  start-up to READY=1, the press over the control socket, connect and Begin).
+* send lateness: from a frame's real-time deadline (the moment its last sample would have been
+  captured: the pacing loop's deadline; for pttd the WAV source's) to its WebSocket send
+  returning. pttd's pre-roll/connect backlog frames are left out (they are old by design).
+* release -> ForceEndpoint (pttd): "raw" = from release + post-roll; "own" = from the later of
+  that and the moment the last post-roll sample was captured (pipeline_bench's two figures).
+  The others: from the last frame's deadline to ForceEndpoint on the wire (one per run).
+* Turn -> delivered: the server sending a turn's formatted end-of-turn Turn to the client
+  handing over the final: pttd = the final line written to stdout; SDK = its Turn handler
+  called; session/bare = the final parsed on the reader thread.
+
+Timing instrumentation (timestamps appended to lists, ~1 us each) is the same kind for all:
+pttd's process wraps a few methods to note times (no behaviour changes); the SDK's socket
+``send`` is wrapped on the instance to note when each frame left. Prints figures, never fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+# children import only what they need: the parent's tools are imported in the parent's functions
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-key"
+RATE, FRAME_S, FRAME_SAMPLES = 16000, 0.05, 800
+MODEL = "universal-streaming-english"
+CYCLE_A = (1200, 1800)      # phase 1: speech, silence (ms); silence > 1280 ms ends a turn
+CYCLE_B = (800, 1200)       # phase 2 (pttd presses): the press/release end each turn
+PREROLL_MS, POSTROLL_MS = 500, 300
+CONTENDERS = ("pttd", "session", "sdk", "bare")
+
+
+# ================================================================================================
+# the fake server, in its own process
+# ================================================================================================
+
+_SERVER = r"""
+import json, sys
+from tests.fakes.fake_v3 import FakeV3Server
+srv = FakeV3Server(script=["hello world"], api_keys={sys.argv[1]}, expires_in_s=3600)
+srv.start()
+print(srv.url, flush=True)
+done = 0
+for line in sys.stdin:
+    out = []
+    sessions = srv.sessions
+    for rec in sessions[done:]:
+        rx = rec.received
+        out.append({
+            "session_id": rec.session_id, "started": rec.started,
+            "binary": [r.t for r in rx if r.kind == "binary"],
+            "fe": [r.t for r in rx if r.kind == "text" and isinstance(r.data, dict)
+                   and r.data.get("type") == "ForceEndpoint"],
+            "eot": [[s.t, s.message.get("turn_order"), bool(s.message.get("turn_is_formatted"))]
+                    for s in rec.sent if s.message.get("type") == "Turn"
+                    and s.message.get("end_of_turn")]})
+    done = len(sessions)
+    print(json.dumps(out), flush=True)
+srv.stop()
+"""
+
+
+class Server:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, KEY], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("ws://"):
+            raise SystemExit("fake server did not start")
+
+    def take(self) -> list[dict]:
+        """Records of the sessions opened since the last call."""
+        self.proc.stdin.write("dump\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ================================================================================================
+# helpers (used by children too: stdlib only)
+# ================================================================================================
+
+def cpu_now() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def vm_kb(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def third_party_modules() -> list[str]:
+    """Loaded modules that are neither stdlib nor this harness: what the contender imported."""
+    out = []
+    for name in sorted(sys.modules):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in ("__main__", "_distutils_hack") or top.startswith("_"):
+            continue
+        out.append(name)
+    return out
+
+
+def pct(values, p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))]
+
+
+def make_wav(path: Path, seconds: float, presses: int) -> tuple[int, int]:
+    """Phase A cycles covering ``seconds`` + slack, then phase B cycles; returns (B start ms, total ms)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a_cycles = int(seconds * 1000 // sum(CYCLE_A)) + 2
+    layout = [CYCLE_A] * a_cycles + [CYCLE_B] * (presses + 1)
+    parts = []
+    for speech_ms, silence_ms in layout:
+        for ms, loud in ((speech_ms, True), (silence_ms, False)):
+            n = RATE * ms // 1000
+            x = rng.integers(-60, 60, n).astype(np.float64)
+            if loud:
+                t = np.arange(n) / RATE
+                x += 9000 * np.sin(2 * np.pi * 300 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
+            parts.append(x)
+    samples = np.concatenate(parts).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(samples.tobytes())
+    return a_cycles * sum(CYCLE_A), len(samples) * 1000 // RATE
+
+
+# ================================================================================================
+# children: pacing-loop contenders (session, sdk, bare)
+# ================================================================================================
+
+def pace(n_frames: int, wav: wave.Wave_read, send, deadlines: list) -> None:
+    """Read and send one 50 ms frame per absolute deadline (no drift)."""
+    t0 = time.monotonic()
+    for i in range(n_frames):
+        deadline = t0 + (i + 1) * FRAME_S   # the frame's last sample is "captured" now
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        frame = wav.readframes(FRAME_SAMPLES)
+        deadlines.append(deadline)
+        send(frame)
+
+
+def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: str) -> None:
+    t_imp = time.monotonic()
+    if kind == "sdk":
+        from assemblyai.streaming.v3 import (RealTimeEvents, RealTimeParameters,
+                                             RealTimeTranscriber, RealTimeTranscriberOptions)
+    elif kind == "bare":
+        import websocket
+    else:
+        from pttd import protocol
+        from pttd.config import Secret
+        from pttd.session import Session
+    t_imp_done = time.monotonic()
+
+    n_frames = int(round(seconds / FRAME_S))
+    wav = wave.open(wav_path, "rb")
+    deadlines: list[float] = []
+    sent: list[float] = []
+    delivered: list[list] = []      # [t, turn_order, session_id]
+    fe_called: list[float] = []
+    rx: list[list] = []             # [t received, raw message]: parsed after the run
+    final_after_fe = threading.Event()
+    session_id = [""]
+
+    def on_final(turn_order: int) -> None:
+        delivered.append([time.monotonic(), turn_order, session_id[0]])
+        if fe_called:
+            final_after_fe.set()
+
+    cpu0, t0 = cpu_now(), time.monotonic()
+    if kind == "sdk":
+        host = url.rsplit("/v3/ws", 1)[0]          # "ws://127.0.0.1:PORT": the SDK keeps ws://
+        client = RealTimeTranscriber(RealTimeTranscriberOptions(api_host=host, api_key=KEY))
+        begun = threading.Event()
+
+        def on_begin(_c, event):
+            session_id[0] = event.id
+            begun.set()
+
+        def on_turn(_c, event):
+            if event.end_of_turn and event.turn_is_formatted:
+                on_final(event.turn_order)
+
+        client.on(RealTimeEvents.Begin, on_begin)
+        client.on(RealTimeEvents.Turn, on_turn)
+        client.on(RealTimeEvents.Error, lambda _c, err: print(f"sdk error: {err}", file=sys.stderr))
+        client.connect(RealTimeParameters(sample_rate=RATE, speech_model=MODEL, format_turns=True))
+        ws = client._websocket                      # instrumentation only: note when frames leave
+        ws_send = ws.send
+
+        def timed_send(message, *a, **kw):
+            ws_send(message, *a, **kw)
+            if isinstance(message, (bytes, bytearray)):
+                sent.append(time.monotonic())
+
+        ws_recv = ws.recv
+
+        def timed_recv(*a, **kw):
+            message = ws_recv(*a, **kw)
+            rx.append([time.monotonic(), message])
+            return message
+
+        ws.send, ws.recv = timed_send, timed_recv
+        send, force_endpoint = client.stream, client.force_endpoint
+        finish = lambda: client.disconnect(terminate=True)  # noqa: E731
+    elif kind == "bare":
+        query = f"?speech_model={MODEL}&sample_rate={RATE}&encoding=pcm_s16le&format_turns=true"
+        ws = websocket.create_connection(url + query, header=[f"Authorization: {KEY}"], timeout=10,
+                                         enable_multithread=True)
+
+        def reader():
+            try:
+                while True:
+                    try:
+                        raw = ws.recv()
+                    except websocket.WebSocketTimeoutException:
+                        continue
+                    if not raw:
+                        return
+                    rx.append([time.monotonic(), raw])
+                    msg = json.loads(raw)
+                    if msg.get("type") == "Begin":
+                        session_id[0] = msg["id"]
+                    elif msg.get("type") == "Turn" and msg["end_of_turn"] and msg.get("turn_is_formatted"):
+                        on_final(msg["turn_order"])
+                    elif msg.get("type") == "Termination":
+                        return
+            except (OSError, websocket.WebSocketException):
+                return
+
+        rt = threading.Thread(target=reader, daemon=True)
+        rt.start()
+
+        def send(frame):
+            ws.send_binary(frame)
+            sent.append(time.monotonic())
+
+        def force_endpoint():
+            ws.send('{"type":"ForceEndpoint"}')
+
+        def finish():
+            ws.send('{"type":"Terminate"}')
+            rt.join(5)
+            ws.close()
+    else:
+        def on_event(_s, event):
+            if isinstance(event, protocol.FinalTurn):
+                on_final(event.turn.turn_order)
+
+        def on_sent(opcode, n):
+            if n == FRAME_SAMPLES * 2:
+                sent.append(time.monotonic())
+
+        on_text = Session._on_text
+
+        def timed_on_text(self, data):
+            t = time.monotonic()
+            on_text(self, data)
+            rx.append([t, data.decode() if isinstance(data, bytes) else data])
+
+        Session._on_text = timed_on_text
+        url_q = protocol.build_url(url, MODEL, RATE, True)
+        session = Session(url_q, Secret(KEY), on_event=on_event, sample_rate=RATE,
+                          format_turns=True, on_sent=on_sent)
+        session_id[0] = session.connect(timeout=10).id
+        send, force_endpoint = session.send_audio, session.force_endpoint
+        finish = lambda: session.terminate(timeout=5)  # noqa: E731
+
+    pace(n_frames, wav, send, deadlines)
+    fe_called.append(time.monotonic())
+    force_endpoint()
+    final_after_fe.wait(10)
+    cpu1, t1 = cpu_now(), time.monotonic()
+    finish()
+    result = {"kind": kind, "import_s": t_imp_done - t_imp, "window": [t0, t1, cpu0, cpu1],
+              "audio_s": n_frames * FRAME_S, "deadlines": deadlines, "sent": sent,
+              "delivered": delivered, "rx": rx, "fe_called": fe_called, "last_deadline": deadlines[-1],
+              "vmhwm_kb": vm_kb("VmHWM"), "modules": third_party_modules(),
+              "threads_max": threading.active_count()}
+    Path(out_path).write_text(json.dumps(result))
+
+
+# ================================================================================================
+# child: the whole daemon (``pttd run``), with timestamps noted around a few methods
+# ================================================================================================
+
+def child_pttd(config: str, out_path: str, t0_path: str) -> int:
+    import websocket
+
+    from pttd import audio, cli, controller, outputs, ring, session, streamer
+
+    notes = {"appends": [], "sends": [], "rx": [], "streamers": [], "finish": [], "press": [],
+             "release": [], "finals": [], "wav_t0": None}
+
+    ws_send = websocket.WebSocket.send
+
+    def send(self, payload, opcode=websocket.ABNF.OPCODE_TEXT):
+        r = ws_send(self, payload, opcode)
+        notes["sends"].append([time.monotonic(), id(self), opcode, len(payload)])
+        return r
+
+    websocket.WebSocket.send = send
+
+    on_text = session.Session._on_text
+
+    def timed_on_text(self, data):
+        t = time.monotonic()
+        on_text(self, data)
+        notes["rx"].append([t, self.id, data.decode() if isinstance(data, bytes) else data])
+
+    session.Session._on_text = timed_on_text
+
+    append = ring.RingBuffer.append
+
+    def ring_append(self, pcm):
+        append(self, pcm)
+        notes["appends"].append([time.monotonic(), self.end])
+
+    ring.RingBuffer.append = ring_append
+
+    wav_run = audio.WavSource._run
+
+    def run_wav(self):
+        notes["wav_t0"] = time.monotonic()
+        Path(t0_path).write_text(repr(notes["wav_t0"]))
+        return wav_run(self)
+
+    audio.WavSource._run = run_wav
+
+    st_init, st_finish = streamer.Streamer.__init__, streamer.Streamer.finish
+
+    def init(self, ring_, session, start_pos, *a, **kw):
+        st_init(self, ring_, session, start_pos, *a, **kw)
+        notes["streamers"].append([time.monotonic(), start_pos])
+
+    def finish(self, end_pos):
+        end = st_finish(self, end_pos)
+        notes["finish"].append([time.monotonic(), end, self.start_pos])
+        return end
+
+    streamer.Streamer.__init__, streamer.Streamer.finish = init, finish
+
+    press, release = controller.Controller._press, controller.Controller._release
+
+    def on_press(self, at):
+        notes["press"].append([time.monotonic(), cpu_now(), at])
+        return press(self, at)
+
+    def on_release(self, at):
+        notes["release"].append([time.monotonic(), cpu_now(), at])
+        return release(self, at)
+
+    controller.Controller._press, controller.Controller._release = on_press, on_release
+
+    emit = outputs.StdoutSink.emit
+
+    def sink_emit(self, event):
+        emit(self, event)
+        if event.get("event") == "final":
+            notes["finals"].append([time.monotonic(), cpu_now(), event["turn_order"],
+                                    event["session_id"], event["press_id"], event["audio_ms"],
+                                    event["latency_ms"]])
+
+    outputs.StdoutSink.emit = sink_emit
+
+    code = cli.main(["run", "-c", config])
+    notes.update(vmhwm_kb=vm_kb("VmHWM"), modules=third_party_modules(),
+                 switchinterval=sys.getswitchinterval())
+    Path(out_path).write_text(json.dumps(notes))
+    return code
+
+
+# ================================================================================================
+# the parent
+# ================================================================================================
+
+def import_time_s(modules: list[str], runs: int = 3) -> float:
+    import statistics
+
+    code = ("import importlib, time\nt = time.perf_counter()\n"
+            f"for m in {modules!r}:\n"
+            "    try:\n        importlib.import_module(m)\n    except Exception:\n        pass\n"
+            "print(time.perf_counter() - t)")
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def task_cpu_s(pid: int) -> float:
+    """Sum of every live thread's CPU (ns precision, /proc/<pid>/task/*/schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
+
+
+def eot_received(rx: list) -> dict:
+    """(session id or None, turn_order) -> when the formatted end-of-turn Turn was received."""
+    out = {}
+    for item in rx:
+        t, sid, raw = (item[0], None, item[1]) if len(item) == 2 else item
+        try:
+            msg = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        if msg.get("type") == "Turn" and msg.get("end_of_turn") and msg.get("turn_is_formatted"):
+            out.setdefault((sid, msg["turn_order"]), t)
+    return out
+
+
+def run_pacer(kind: str, server: Server, wav: Path, seconds: float, tmp: Path) -> dict:
+    out = tmp / f"{kind}.json"
+    t_spawn = time.monotonic()
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, server.url, str(wav),
+                           str(seconds), str(out)], cwd=ROOT, text=True, capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"{kind} child failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(out.read_text())
+    sessions = server.take()
+    s = sessions[0]
+    t0, t1, c0, c1 = r["window"]
+    lat = [(snt - d) * 1000 for d, snt in zip(r["deadlines"], r["sent"])]
+    eot = {(x[1]): x[0] for x in s["eot"] if x[2]}
+    t2f = [(t - eot[o]) * 1000 for t, o, sid in r["delivered"] if o in eot]
+    fe = [(s["fe"][0] - r["last_deadline"]) * 1000] if s["fe"] else []
+    got = eot_received(r["rx"])
+    rx2f = [(t - got[(None, o)]) * 1000 for t, o, _ in r["delivered"] if (None, o) in got]
+    return {"kind": kind, "cpu_ms_per_s": (c1 - c0) / r["audio_s"] * 1000,
+            "audio_s": r["audio_s"], "rss_mb": r["vmhwm_kb"] / 1024,
+            "import_ms": import_time_s(r["modules"]) * 1000,
+            "first_frame_ms": (s["binary"][0] - t_spawn) * 1000,
+            "lateness": lat, "lat_t": [d - r["deadlines"][0] for d in r["deadlines"]],
+            "fe_raw": fe, "fe_own": fe, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(r["sent"]),
+            "threads": r["threads_max"], "modules": len(r["modules"])}
+
+
+def run_pttd(server: Server, wav: Path, b_start_ms: int, seconds: float, presses: int,
+             tmp: Path, idle_s: float = 5.0, spy: str | None = None) -> dict:
+    import signal
+    import socket
+
+    from pttd.control import request
+
+    cfg = tmp / "pttd.toml"
+    sock_path = tmp / "ctl.sock"
+    cfg.write_text(f"""
+[stt]
+url = "{server.url}"
+api_key = "{KEY}"
+[audio]
+source = "wav"
+wav = "{wav}"
+preroll_ms = {PREROLL_MS}
+postroll_ms = {POSTROLL_MS}
+[gpio]
+pin_factory = "mock"
+[control]
+socket = "{sock_path}"
+[output]
+stdout = "jsonl"
+journal = false
+""")
+    out, t0_file = tmp / "pttd.json", tmp / "wav_t0"
+    notify = tmp / "notify"
+    nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    nsock.bind(str(notify))
+    nsock.settimeout(20)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify), PYTHONUNBUFFERED="1")
+    t_spawn = time.monotonic()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "pttd", str(cfg), str(out),
+                             str(t0_file)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finals: list[dict] = []
+    got_final = threading.Condition()
+    err_lines: list[str] = []
+
+    def read_stdout():
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == "final":
+                with got_final:
+                    finals.append(ev)
+                    got_final.notify_all()
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
+
+    def wait_final(press_id: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        with got_final:
+            while not any(f["press_id"] == press_id and f["latency_ms"] > 0 for f in finals):
+                if not got_final.wait(max(0.0, deadline - time.monotonic())):
+                    raise SystemExit(f"pttd: no final for press {press_id}: {''.join(err_lines)[-2000:]}")
+
+    try:
+        while b"READY=1" not in nsock.recv(4096).split(b"\n"):
+            pass
+    except socket.timeout:
+        proc.kill()
+        raise SystemExit(f"pttd never sent READY=1: {''.join(err_lines)[-2000:]}")
+    t_ready = time.monotonic()
+    spy_proc = None
+    if spy:
+        spy_proc = subprocess.Popen(["py-spy", "record", "--native", "--threads", "--idle", "-r", "200",
+                                     "-f", "speedscope", "-o", spy, "--pid", str(proc.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+    wav_t0 = float(t0_file.read_text())
+    rel_sent = []
+    # phase 1: one long press from READY
+    t_press = time.monotonic()
+    request(str(sock_path), "press")
+    time.sleep(max(0.0, t_press + seconds - (PREROLL_MS + POSTROLL_MS) / 1000 - time.monotonic()))
+    rel_sent.append(time.monotonic())
+    request(str(sock_path), "release")
+    wait_final(1)
+    # phase 2: short presses around each phase-B "utterance", scheduled on the WAV's clock
+    for k in range(presses):
+        speech_at = wav_t0 + (b_start_ms + k * sum(CYCLE_B)) / 1000
+        time.sleep(max(0.0, speech_at - 0.2 - time.monotonic()))
+        request(str(sock_path), "press")
+        time.sleep(max(0.0, speech_at + (CYCLE_B[0] + 100) / 1000 - time.monotonic()))
+        rel_sent.append(time.monotonic())
+        request(str(sock_path), "release")
+    wait_final(presses + 1)
+    if spy_proc is not None:
+        spy_proc.send_signal(signal.SIGINT)
+        spy_proc.wait(30)
+    time.sleep(1.0)
+    idle0 = task_cpu_s(proc.pid)
+    time.sleep(idle_s)
+    idle_ms_per_s = (task_cpu_s(proc.pid) - idle0) / idle_s * 1000
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    nsock.close()
+    if not out.exists():
+        raise SystemExit(f"pttd child wrote nothing: {''.join(err_lines)[-3000:]}")
+    n = json.loads(out.read_text())
+    sessions = server.take()
+
+    # CPU window: press 1 handled -> its last final (the one after release) written
+    p_t, p_cpu, _ = n["press"][0]
+    f1 = [f for f in n["finals"] if f[4] == 1][-1]
+    audio_s = f1[5] / 1000
+    cpu_ms_per_s = (f1[1] - p_cpu) / audio_s * 1000
+
+    # send lateness, press 1's session: frame j ends at ring position start + (j+1)*chunk, whose
+    # deadline is the WAV source's wav_t0 + position / rate; backlog frames left out
+    ws_ids = []
+    for t, wid, op, size in n["sends"]:
+        if wid not in ws_ids:
+            ws_ids.append(wid)
+    first = [s for s in n["sends"] if s[1] == ws_ids[0] and s[2] == 2 and s[3] == FRAME_SAMPLES * 2]
+    st_t, start_pos = n["streamers"][0]
+    lat, lat_t, backlog = [], [], 0
+    for j, (t_sent, _, _, _) in enumerate(first):
+        deadline = n["wav_t0"] + (start_pos + (j + 1) * FRAME_SAMPLES) / RATE
+        if deadline < st_t:
+            backlog += 1
+            continue
+        lat.append((t_sent - deadline) * 1000)
+        lat_t.append(deadline)
+    lat_t = [t - lat_t[0] for t in lat_t]
+    capture_late = [(t - (n["wav_t0"] + end / RATE)) * 1000 for t, end in n["appends"]]
+
+    # release -> ForceEndpoint on the wire, per press (one session per press, in order)
+    appends = n["appends"]
+    fe_raw, fe_own = [], []
+    finish_of, seen = [], set()
+    for _, end, start in n["finish"]:   # one end per press (by its streamer's start)
+        if start not in seen:
+            seen.add(start)
+            finish_of.append(end)
+    for k, (t_rel, sess) in enumerate(zip(rel_sent, sessions)):
+        if not sess["fe"]:
+            continue
+        fe = sess["fe"][0]
+        end = finish_of[k]
+        t_avail = next((t for t, e in appends if e >= end), fe)
+        fe_raw.append((fe - (t_rel + POSTROLL_MS / 1000)) * 1000)
+        fe_own.append((fe - t_avail) * 1000)
+
+    eot = {(s["session_id"], x[1]): x[0] for s in sessions for x in s["eot"] if x[2]}
+    t2f = [(t - eot[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in eot]
+    got = eot_received(n["rx"])
+    rx2f = [(t - got[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in got]
+    return {"kind": "pttd", "cpu_ms_per_s": cpu_ms_per_s, "audio_s": audio_s,
+            "rss_mb": n["vmhwm_kb"] / 1024, "import_ms": import_time_s(n["modules"]) * 1000,
+            "first_frame_ms": (sessions[0]["binary"][0] - t_spawn) * 1000,
+            "ready_ms": (t_ready - t_spawn) * 1000, "lateness": lat, "lat_t": lat_t,
+            "backlog_frames": backlog, "capture_late": capture_late,
+            "fe_raw": fe_raw, "fe_own": fe_own, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(first),
+            "idle_ms_per_s": idle_ms_per_s, "modules": len(n["modules"]),
+            "switchinterval": n["switchinterval"]}
+
+
+def fmt_table(results: dict[str, dict]) -> str:
+    kinds = [k for k in CONTENDERS if k in results]
+    names = {"pttd": "pttd daemon", "session": "pttd Session", "sdk": "SDK", "bare": "bare ws"}
+    rows = [
+        ("CPU ms per audio s", lambda r: f"{r['cpu_ms_per_s']:.2f}"),
+        ("peak RSS (VmHWM) MB", lambda r: f"{r['rss_mb']:.1f}"),
+        ("import time ms", lambda r: f"{r['import_ms']:.0f}"),
+        ("start -> first frame ms", lambda r: f"{r['first_frame_ms']:.0f}"),
+        ("send lateness p50 ms", lambda r: f"{pct(r['lateness'], 50):.2f}"),
+        ("send lateness p99 ms", lambda r: f"{pct(r['lateness'], 99):.2f}"),
+        ("send lateness max ms", lambda r: f"{max(r['lateness']):.2f}"),
+        ("last post-roll sample -> FE on wire p50/p99", lambda r: f"{pct(r['fe_own'], 50):.2f} / {pct(r['fe_own'], 99):.2f}"),
+        ("release + post-roll -> FE on wire p50/p99", lambda r: f"{pct(r['fe_raw'], 50):.1f} / {pct(r['fe_raw'], 99):.1f}"),
+        ("  samples", lambda r: f"{len(r['fe_own'])}"),
+        ("Turn received -> final delivered p50/p99", lambda r: f"{pct(r['rx_to_final'], 50):.2f} / {pct(r['rx_to_final'], 99):.2f}"),
+        ("Turn sent by server -> delivered p50/p99", lambda r: f"{pct(r['turn_to_final'], 50):.2f} / {pct(r['turn_to_final'], 99):.2f}"),
+        ("  samples", lambda r: f"{len(r['rx_to_final'])}"),
+        ("frames timed", lambda r: f"{r['frames']}"),
+    ]
+    width = 42
+    lines = ["| figure | " + " | ".join(names[k] for k in kinds) + " | pttd/SDK |",
+             "|---|" + "---|" * (len(kinds) + 1)]
+    ratio_of = {"CPU ms per audio s": "cpu_ms_per_s", "peak RSS (VmHWM) MB": "rss_mb",
+                "import time ms": "import_ms", "start -> first frame ms": "first_frame_ms"}
+    for label, f in rows:
+        cells = []
+        for k in kinds:
+            try:
+                cells.append(f(results[k]))
+            except (KeyError, ValueError, TypeError):
+                cells.append("-")
+        ratio = ""
+        if label in ratio_of and "pttd" in results and "sdk" in results:
+            ratio = f"{results['pttd'][ratio_of[label]] / results['sdk'][ratio_of[label]]:.2f}"
+        elif label.startswith("send lateness") and "pttd" in results and "sdk" in results:
+            p = {"p50": 50, "p99": 99, "max": 100}[label.split()[2]]
+            ratio = f"{pct(results['pttd']['lateness'], p) / pct(results['sdk']['lateness'], p):.2f}"
+        lines.append(f"| {label:<{width}} | " + " | ".join(cells) + f" | {ratio} |")
+    p = results.get("pttd")
+    if p:
+        lines.append("")
+        lines.append(f"pttd daemon: process start -> READY=1 {p['ready_ms']:.0f} ms; idle (mic on, "
+                     f"no press) {p['idle_ms_per_s']:.2f} ms CPU per s; {p['backlog_frames']} "
+                     f"pre-roll/connect backlog frames not timed; capture thread (WAV) lateness "
+                     f"p50/p99 {pct(p['capture_late'], 50):.2f} / {pct(p['capture_late'], 99):.2f} ms; "
+                     f"switch interval {p['switchinterval'] * 1000:g} ms")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8))
+    colors = {"pttd": "tab:red", "session": "tab:orange", "sdk": "tab:blue", "bare": "tab:green"}
+    names = {"pttd": "pttd daemon", "session": "pttd Session", "sdk": "AssemblyAI SDK",
+             "bare": "bare websocket-client"}
+    for k in CONTENDERS:
+        r = results.get(k)
+        if not r:
+            continue
+        ax1.plot(r["lat_t"], r["lateness"], ".", ms=2, color=colors[k], alpha=0.6,
+                 label=f"{names[k]} (p99 {pct(r['lateness'], 99):.2f} ms)")
+        s = sorted(r["lateness"])
+        ax2.plot(s, [i / len(s) for i in range(len(s))], color=colors[k], label=names[k])
+    ax1.set_xlabel("audio time (s)")
+    ax1.set_ylabel("send lateness (ms)")
+    ax1.set_yscale("log")
+    ax1.set_title("Frame deadline -> WebSocket send returned, 50 ms frames")
+    ax1.legend(markerscale=5)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("send lateness (ms)")
+    ax2.set_ylabel("fraction of frames")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--presses", type=int, default=20, help="pttd's short presses (release -> FE)")
+    ap.add_argument("--only", default=",".join(CONTENDERS))
+    ap.add_argument("--plot", default=str(ROOT / "bench" / "send_lateness.png"))
+    ap.add_argument("--json", help="write every figure and sample here")
+    ap.add_argument("--py-spy", dest="spy", help="profile the pttd daemon with py-spy into FILE (speedscope)")
+    args = ap.parse_args()
+    kinds = [k for k in CONTENDERS if k in args.only.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="pttd-compare-"))
+    wav = tmp / "speech.wav"
+    b_start, total = make_wav(wav, args.seconds, args.presses)
+    print(f"compare_sdk: {args.seconds:g} s of paced audio, {machine()}", flush=True)
+    server = Server()
+    results = {}
+    try:
+        for kind in kinds:
+            print(f"  running {kind} ...", flush=True)
+            if kind == "pttd":
+                results[kind] = run_pttd(server, wav, b_start, args.seconds, args.presses, tmp,
+                                         spy=args.spy)
+            else:
+                results[kind] = run_pacer(kind, server, wav, args.seconds, tmp)
+    finally:
+        server.close()
+    print(fmt_table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        kind = sys.argv[2]
+        if kind == "pttd":
+            sys.exit(child_pttd(*sys.argv[3:6]))
+        child_pacer(kind, *sys.argv[3:5], float(sys.argv[5]), sys.argv[6])
+    else:
+        main()
