@@ -18,6 +18,10 @@ APT_RUNTIME="python3 python3-venv python3-dev gcc pkg-config libasound2-dev libs
 # mosquitto (+ mosquitto_passwd in mosquitto-clients, openssl for the TLS test) for MQTT, and
 # the kernel headers python-evdev builds against.
 APT_TEST="alsa-utils systemd util-linux espeak-ng sox mosquitto mosquitto-clients openssl linux-libc-dev"
+# The kiosk browser test: Debian's chromium (+ a font for readable screenshots), driven by
+# playwright-core from npm; Debian 12 packages npm apart from nodejs (NodeSource's nodejs has it).
+APT_TEST="$APT_TEST chromium fonts-liberation"
+command -v npm >/dev/null 2>&1 || APT_TEST="$APT_TEST nodejs npm"
 
 need=()
 for pkg in $APT_RUNTIME $([ "$what" = test ] && echo "$APT_TEST"); do
@@ -38,6 +42,12 @@ case "$what" in
     ;;
   test)
     .venv/bin/python -m pip install -q -e '.[test,local,mqtt,type]'
+    # playwright-core for the kiosk browser test (it downloads no browser); installed only when
+    # the lock file changed since the last install, so re-runs stay quick and offline
+    if [ ! -f tests/browser/node_modules/.package-lock.json ] ||
+       [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+      npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+    fi
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)

@@ -14,9 +14,13 @@ Who may connect to ``/ws`` (checked before the upgrade, so a refused client gets
 * **Origin** — browsers always send it on a WebSocket, so it tells which page is connecting. No
   Origin (a script, not a browser page) passes. Otherwise it must be one of: ``http://127.0.0.1:P``,
   ``http://localhost:P``, ``http://[::1]:P`` (P = the listening port: the page served here);
-  ``http://<Host header>`` but only when a token is set (the page served here under whatever name
-  reaches the device; a DNS-rebinding page still lacks the token); or an exact entry of
-  ``[kiosk] allowed_origins``. Anything else, including ``null``: 403.
+  ``http(s)://<Host header>`` but only when a token is set (the page served here, or through a
+  TLS proxy, under whatever name reaches the device; a DNS-rebinding page still lacks the token);
+  or an exact entry of ``[kiosk] allowed_origins``. Anything else, including ``null``: 403.
+* More than ``max_clients`` connections: 503. A repeated Origin/Host/Authorization header: 400.
+
+A client that disconnects while it holds the button (sent ``press``, no ``release`` yet, the turn
+still open) gets a ``release`` sent on its behalf: a closed tab must not leave pttd listening.
 
 Threading: one thread runs an asyncio loop with the ``websockets`` server. ``emit`` (the Outputs
 worker thread) only records the snapshot fields under a lock and schedules the broadcast on the
@@ -30,7 +34,6 @@ import asyncio
 import dataclasses
 import hmac
 import http
-import ipaddress
 import json
 import logging
 import threading
@@ -81,15 +84,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclasses.dataclass(eq=False)
 class _Client:
     ws: ServerConnection
@@ -135,7 +129,8 @@ class KioskServer:
                                         name="pttd-kiosk", daemon=True)
         self._thread.start()
         if not started.wait(timeout):
-            raise KioskError(f"kiosk endpoint on {self.host}:{self.port} did not start in {timeout:g} s")
+            raise KioskError(f"kiosk endpoint on {self.host}:{self.port} did not start "
+                             f"in {timeout:g} s")
         if failure:
             self._thread.join(1.0)
             raise KioskError(f"cannot listen on {self.host or '*'}:{self.port} for the kiosk: "
@@ -357,14 +352,15 @@ class KioskServer:
     def _capacity_problem(self) -> tuple[int, str] | None:
         if len(self._clients) < self._max_clients:
             return None
-        return http.HTTPStatus.SERVICE_UNAVAILABLE, f"{self._max_clients} kiosk clients already connected"
+        return (http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{self._max_clients} kiosk clients already connected")
 
     def _allowed_origins(self, request: Request) -> set[str]:
         allowed = set(self._allowed)
         allowed.update(_norm_origin(f"http://{name}:{self.port}") for name in _LOOPBACK_NAMES)
         host = request.headers.get("Host")
         if self._token and host:
-            allowed.add(_norm_origin(f"http://{host}"))
+            allowed.update(_norm_origin(f"{scheme}://{host}") for scheme in ("http", "https"))
         return allowed
 
 
