@@ -281,3 +281,54 @@ phrases = ["turn on the kitchen lights", "turn off the kitchen lights", "what ti
         assert d.stop()[0] == 0
     finally:
         d.kill()
+
+
+def test_fallback_to_local_engine_and_back_to_cloud(fake_v3, tmp_path):
+    """[stt] fallback = "local": cloud unreachable -> the offline engine; back to the cloud later."""
+    import socket as _socket
+    import wave
+    from importlib import resources
+
+    from tests.daemon_proc import write_wav
+    from tests.fakes.fake_v3 import FakeV3Server
+
+    with _socket.socket() as s:  # a port where nothing listens: the "cloud" is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clip = resources.files("pttd") / "data" / "lights_on.wav"
+    with wave.open(str(clip)) as w:
+        speech = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    gap = np.zeros(RATE * 3, "<i2")
+    mic = tmp_path / "mic.wav"
+    write_wav(mic, np.concatenate([np.zeros(RATE, "<i2"), speech, gap, speech, gap, gap]))
+    sock = tmp_path / "ctl.sock"
+    cfg = write_config(tmp_path / "c.toml", url=f"ws://127.0.0.1:{port}/v3/ws", key=KEY, wav=mic,
+                       socket=sock, extra='fallback = "local"\nfallback_retry_s = 2')
+    with open(cfg, "a") as fh:
+        fh.write('[local]\nphrases = ["turn on the kitchen lights", "what time is it"]\n')
+    speech_ms = len(speech) * 1000 // RATE
+    d = DaemonProcess(cfg, sock)
+    try:
+        d.wait_ready(timeout=30)
+        d.wait_audio_ms(700)
+        d.command("press")
+        d.wait_audio_ms(1000 + speech_ms + 200)
+        d.command("release")
+        final = d.wait_event(lambda e: e["event"] == "final", timeout=30)
+        assert final["text"] == "Turn on the kitchen lights." and final["engine"] == "local"
+        # the cloud comes back; after fallback_retry_s the next press goes to it again
+        cloud = FakeV3Server(script=["back in the cloud"], api_keys={KEY}, port=port)
+        cloud.start()
+        try:
+            second = 1000 + speech_ms + 3000
+            d.wait_audio_ms(second - 300)
+            d.command("press")
+            d.wait_audio_ms(second + speech_ms + 200)
+            d.command("release")
+            final2 = d.wait_event(lambda e: e["event"] == "final" and e["press_id"] == 2, timeout=30)
+            assert final2["text"] == "Back in the cloud." and "engine" not in final2
+            assert d.stop()[0] == 0
+        finally:
+            cloud.stop()
+    finally:
+        d.kill()

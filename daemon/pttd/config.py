@@ -96,6 +96,8 @@ class SttConfig:
     format_turns: bool = _opt(True)
     keep_warm_s: float = _opt(0.0, _between(0, 3600), "keep the session this long after a turn")
     fallback: str = _opt("", _one_of("", "local"))
+    fallback_retry_s: float = _opt(30.0, _between(1, 3600),
+                                   "after a cloud failure, use the local engine this long")
     params: dict = _opt({}, None, "other v3 query parameters, passed through")
 
 

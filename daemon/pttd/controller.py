@@ -75,6 +75,8 @@ class Settings:
     final_timeout_s: float = 10.0      # ForceEndpoint -> end-of-turn Turn, bounded
     empty_final_timeout_s: float = 2.0  # the same, when no speech was heard in the press
     max_connect_attempts: int = 8
+    fallback: bool = False             # [stt] fallback = "local"
+    fallback_retry_s: float = 30.0     # after a cloud failure, presses use the local engine this long
 
 
 # --- per-press bookkeeping -----------------------------------------------------------------------
@@ -98,6 +100,7 @@ class Press:
     last_partial: str = ""
     finals: int = 0
     cancelled: bool = False
+    engine: str = "cloud"                # "cloud" or "local" (the offline engine)
     queued: bool = False                 # waiting for the network / an earlier press
     late: bool = False                   # delivered after the network came back
     done: bool = False
@@ -132,6 +135,7 @@ class Controller:
         self._auth_blocked = False
         self._mic_offline: str | None = None
         self._net_down: str | None = None     # why the server cannot be reached, while so
+        self._cloud_retry_at: float | None = None  # fallback: use the local engine until then
         self._toggled_on = False
         self._stopping: _Stop | None = None
         self.state = State.IDLE
@@ -291,7 +295,10 @@ class Controller:
             return
         press.attempts += 1
         press.retry_at = None
-        session = self._new_session(on_event=self.on_session_event)
+        if (self.s.fallback and self._cloud_retry_at is not None
+                and self._clock() < self._cloud_retry_at):
+            press.engine = "local"
+        session = self._new_session(on_event=self.on_session_event, engine=press.engine)
         press.session = session
         session.start()
 
@@ -357,6 +364,8 @@ class Controller:
             extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
         if press.late:
             extra["late"] = True
+        if press.engine == "local":
+            extra["engine"] = "local"
         if turn.transcript:
             event = events.final_event(turn.transcript, turn.turn_order, session.id or "",
                                        press.press_id, self._audio_ms(press), latency,
@@ -403,6 +412,8 @@ class Controller:
             self._finish_press(press, terminate=False)
             self._set_state(State.ERROR, policy.message)
             return
+        if self._fall_back(press, closed):
+            return
         offline = policy.kind == "transport" and closed.before_begin
         if offline:
             self._net_down = closed.reason or "cannot reach the server"
@@ -416,6 +427,19 @@ class Controller:
         self._report_error(closed, delay)
         press.retry_at = self._clock() + delay
         self._refresh_state()
+
+    def _fall_back(self, press: Press, closed: SessionClosed) -> bool:
+        """[stt] fallback = "local": the cloud is unreachable or refuses (not 1008) -> go local."""
+        if (not self.s.fallback or press.engine == "local"
+                or closed.policy.kind not in ("transport", "server", "rate_limited", "idle")):
+            return False
+        press.engine = "local"
+        self._cloud_retry_at = self._clock() + self.s.fallback_retry_s
+        self._emit(events.error_event(closed.code, f"{closed.describe()}; using the local engine "
+                                      f"for {self.s.fallback_retry_s:g} s", 0.0))
+        press.retry_at = self._clock()
+        self._refresh_state()
+        return True
 
     def _report_error(self, closed: SessionClosed, retry_in: float | None) -> None:
         message = closed.describe()

@@ -74,16 +74,18 @@ class Daemon:
         a = self.cfg.audio
         return Settings(sample_rate=a.sample_rate, chunk_ms=a.chunk_ms, preroll_ms=a.preroll_ms,
                         postroll_ms=a.postroll_ms, keep_warm_s=self.cfg.stt.keep_warm_s,
-                        button_mode=self.cfg.button.mode)
+                        button_mode=self.cfg.button.mode,
+                        fallback=self.cfg.stt.fallback == "local" and not self.cfg.is_local,
+                        fallback_retry_s=self.cfg.stt.fallback_retry_s)
 
     def _make_source(self):
         from .record import make_source
 
         return make_source(self.cfg, self.ring, on_status=self._on_source_status)
 
-    def _new_session(self, on_event: Callable) -> Session:
+    def _new_session(self, on_event: Callable, engine: str = "cloud") -> Session:
         stt = self.cfg.stt
-        base = self.url_override or stt.url
+        base = self.local_url if engine == "local" else (self.url_override or stt.url)
         url = protocol.build_url(base, stt.speech_model, self.cfg.audio.sample_rate,
                                  stt.format_turns, stt.params)
         return Session(url, stt.api_key, on_event=on_event, sample_rate=self.cfg.audio.sample_rate,
@@ -115,7 +117,9 @@ class Daemon:
 
         cfg = self.cfg
         if cfg.is_local and self.url_override is None:
-            self._start_local_engine()
+            self.url_override = self._start_local_engine()
+        elif cfg.stt.fallback == "local":
+            self.local_url = self._start_local_engine()
         self.source.start()
         self._parts.append(("capture", self.source.stop))
         self.controller.start()
@@ -218,7 +222,9 @@ class Daemon:
         self.mqtt.start()
         self._parts.append(("mqtt", self.mqtt.stop_commands))
 
-    def _start_local_engine(self) -> None:
+    local_url: str | None = None
+
+    def _start_local_engine(self) -> str:
         """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
         try:
             from .local_engine import LocalEngine
@@ -228,7 +234,7 @@ class Daemon:
         engine = LocalEngine(phrases=list(self.cfg.local.phrases))
         engine.start()
         self._parts.append(("engine", engine.stop))
-        self.url_override = engine.url
+        return engine.url
 
     def run(self) -> int:
         """Block until stopped; returns the exit code."""
