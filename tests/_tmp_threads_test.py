@@ -21,4 +21,5 @@ def test_x(fake_v3, tmp_path, monkeypatch):
     _wait(lambda: screen_of(kbd.snapshot(), US) == "one two three four five ", timeout=20)
     t=time.monotonic(); d.shutdown(); print("shutdown", time.monotonic()-t)
     print([th.name for th in threading.enumerate()])
+    import os; print("fds", [os.readlink(f"/proc/self/fd/{f}") for f in os.listdir("/proc/self/fd")]); import gc; gc.collect()
     t=time.monotonic(); srv.stop(); print("srv stop", time.monotonic()-t)

@@ -107,6 +107,9 @@ def test_kiosk_page_in_chromium(tmp_path, fake_v3):
         assert done["pageErrors"] == []
         driver.finish()
         assert driver.proc.returncode == 0
+    except AssertionError:
+        print("daemon events:", *d.all_events, sep="\n  ")
+        raise
     finally:
         if driver.proc.poll() is None:
             driver.proc.kill()

@@ -98,8 +98,21 @@ async function errorTurn(page) {
   return page.textContent('#banner-text');
 }
 
+let context = null;
+
+// What the page showed, for the failure report.
+async function pageDump() {
+  try {
+    const page = context.pages()[0];
+    return await page.evaluate(() => ({ seen: window.__seen, body: { ...document.body.dataset },
+      transcript: document.getElementById('transcript').textContent }));
+  } catch (err) {
+    return String(err);
+  }
+}
+
 async function main() {
-  const context = await chromium.launchPersistentContext(cfg.userDataDir, {
+  context = await chromium.launchPersistentContext(cfg.userDataDir, {
     executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_FLAGS, hasTouch: true,
     viewport: { width: 800, height: 900 },
   });
@@ -124,12 +137,15 @@ async function main() {
     const banner = await errorTurn(page);
     const pageErrors = consoleErrors.filter((e) => !/WebSocket/.test(e));
     report({ step: 'done', afterReconnect, banner, pageErrors });
+  } catch (err) {
+    err.page = await pageDump();
+    throw err;
   } finally {
     await context.close();
   }
 }
 
 main().then(() => process.exit(0)).catch((err) => {
-  report({ step: 'failed', error: String(err && err.stack || err) });
+  report({ step: 'failed', error: String(err && err.stack || err), page: err.page || null });
   process.exit(1);
 });
