@@ -359,3 +359,46 @@ def test_threads_stop_on_close_without_begin(fake_v3):
     srv.wait_for_connections(1, 5)
     s.close(timeout=2)
     assert not s._receiver.is_alive()
+
+
+@pytest.mark.parametrize("code,reason,kind", [
+    (4001, "Not Authorized", "auth"),
+    (4002, "Insufficient Funds", "auth"),
+    (4029, "Client sent audio too fast", "client_bug"),
+    (1011, "Internal error", "server"),
+])
+def test_legacy_and_other_close_codes_before_begin(fake_v3, code, reason, kind):
+    srv = fake_v3(api_keys={KEY}, faults=Faults(close_before_begin=(code, reason)))
+    closed = expect_connect_error(srv)
+    assert closed.code == code and closed.policy.kind == kind and reason in closed.reason
+
+
+def test_keep_alive_holds_an_inactivity_timeout_open(fake_v3):
+    srv = fake_v3(api_keys={KEY})
+    rec = Recorder()
+    s = open_session(srv, rec, params={"inactivity_timeout": 5})
+    s.connect(timeout=5)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 6.5:  # longer than the timeout: only KeepAlive keeps it open
+        s.keep_alive()
+        time.sleep(1.0)  # the KeepAlive cadence under test
+    assert s.is_open
+    events = rec.drain(lambda e: isinstance(e, SessionClosed), timeout=10)  # now idle: closed
+    assert events[-1].policy.retry and not events[-1].local
+    assert time.monotonic() - t0 >= 10.5
+    kinds = [m.get("type") for m in srv.sessions[0].text_messages()]
+    assert set(kinds) == {"KeepAlive"}
+    s.close()
+
+
+def test_update_configuration_is_sent_schema_valid(fake_v3):
+    srv = fake_v3(api_keys={KEY})
+    s = open_session(srv, Recorder())
+    s.connect(timeout=5)
+    s.update(max_turn_silence=900, keyterms_prompt=["pttd"])
+    s.terminate(timeout=5)
+    msgs = srv.sessions[0].text_messages()
+    assert msgs[0] == {"type": "UpdateConfiguration", "max_turn_silence": 900,
+                       "keyterms_prompt": ["pttd"]}
+    for m in msgs:
+        validate_client_message(m)
