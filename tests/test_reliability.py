@@ -75,6 +75,12 @@ def test_begin_delayed_five_seconds(fake_v3, daemon_factory):
     srv, d = start(fake_v3, daemon_factory, [Faults(begin_delay_s=5)])
     got = expect_two_turns(d)
     assert srv.connection_attempts == 2 and got[0]["latency_ms"] > 1000
+    # a 5.5 s backlog was caught up within the server's real-time rule: no 3007, no error at all
+    assert not [e for e in d.all_events if e["event"] == "error"]
+    frames = srv.connections[0].audio_frames()
+    assert {len(f.data) for f in frames} == {1600}
+    sent_s = [(i + 1) * 0.05 - (f.t - frames[0].t) for i, f in enumerate(frames)]
+    assert max(sent_s) <= 2.0 + 0.05 + 0.2  # never more than MAX_LEAD_S ahead of real time
 
 
 def test_close_before_begin_is_retried(fake_v3, daemon_factory):

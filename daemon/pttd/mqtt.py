@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 FINAL_QUEUE = 100           # finals kept while the broker is down; overflow drops the oldest
 CLOSE_WAIT_S = 1.0          # at stop: wait this long for queued finals and the offline state
 LOOP_JOIN_S = 1.5           # then this long for paho's thread
-RECONNECT_DELAY_S = (1, 15)
+RECONNECT_DELAY_S = (1, 10)  # paho's back-off: 1 s doubling up to 10 s
 COMMANDS = ("press", "release", "toggle", "cancel")
 MAX_COMMAND_BYTES = 1024
 HA_PREFIX = "homeassistant"
@@ -325,7 +326,9 @@ class MqttBridge:
 
     @_guarded
     def _on_connect_fail(self, _client, _userdata) -> None:
-        self._log_outage(f"cannot reach {self.broker.host}:{self.broker.port}")
+        exc = sys.exc_info()[1]  # paho calls this from its ``except OSError`` (refused, TLS, DNS)
+        why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        self._log_outage(f"cannot reach {self.broker.host}:{self.broker.port}{why}")
 
     @_guarded
     def _on_disconnect(self, _client, _userdata, _flags, reason, _properties) -> None:
