@@ -44,16 +44,22 @@ def speech_wav(path: Path, layout=((2000, False), (2000, True), (4000, False)), 
     return samples
 
 
-def write_config(path: Path, *, url: str, key: str, wav: Path, socket: Path, extra: str = "",
+def write_config(path: Path, *, url: str, socket: Path, key: str | None = None,
+                 wav: Path | None = None, audio: str = "", extra: str = "", tail: str = "",
                  stdout: str = "jsonl", journal: bool = False) -> Path:
+    """A test config: mock GPIO, jsonl stdout; a WAV mic, or ``audio`` lines for [audio].
+
+    ``extra`` goes into [stt]; ``tail`` is appended (more sections).
+    """
+    key_line = f'api_key = "{key}"' if key else ""
+    audio_lines = f'source = "wav"\nwav = "{wav}"' if wav is not None else audio
     path.write_text(f"""
 [stt]
 url = "{url}"
-api_key = "{key}"
+{key_line}
 {extra}
 [audio]
-source = "wav"
-wav = "{wav}"
+{audio_lines}
 [gpio]
 pin_factory = "mock"
 [control]
@@ -61,6 +67,7 @@ socket = "{socket}"
 [output]
 stdout = "{stdout}"
 journal = {"true" if journal else "false"}
+{tail}
 """)
     return path
 

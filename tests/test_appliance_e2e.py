@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.alsa_fifo import FifoMic, wait_until
-from tests.daemon_proc import DaemonProcess
+from tests.daemon_proc import DaemonProcess, write_config
 
 KEY = "appliance-key-01"
 RATE_IN = 48000
@@ -78,6 +78,16 @@ class NotifySocket:
         self.sock.close()
 
 
+def alsa_config(tmp_path, srv, mic, sock):
+    """The I2S MEMS settings: S32 stereo 48 kHz, left channel."""
+    return write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY, socket=sock, audio=f"""
+device = "{mic.device}"
+capture_format = "S32_LE"
+capture_channels = 2
+capture_rate = 48000
+channel = 0""")
+
+
 @pytest.fixture
 def mic():
     with FifoMic(mems_signal, format="S32_LE", channels=2, rate=RATE_IN, patch_env=False) as m:
@@ -87,26 +97,7 @@ def mic():
 def test_alsa_mic_notify_and_a_turn(fake_v3, tmp_path, mic):
     srv = fake_v3(script=["through alsa"], api_keys={KEY})
     sock = tmp_path / "ctl.sock"
-    cfg = tmp_path / "pttd.toml"
-    cfg.write_text(f"""
-[stt]
-url = "{srv.url}"
-api_key = "{KEY}"
-[audio]
-source = "alsa"
-device = "{mic.device}"
-capture_format = "S32_LE"
-capture_channels = 2
-capture_rate = 48000
-channel = 0
-[gpio]
-pin_factory = "mock"
-[control]
-socket = "{sock}"
-[output]
-stdout = "jsonl"
-journal = false
-""")
+    cfg = alsa_config(tmp_path, srv, mic, sock)
     notify = NotifySocket(tmp_path / "notify.sock")
     d = DaemonProcess(cfg, sock, env={**mic.env, "NOTIFY_SOCKET": notify.path,
                                       "WATCHDOG_USEC": "400000"})
@@ -149,24 +140,7 @@ journal = false
 def test_missing_mic_keeps_daemon_up_offline_then_recovers(fake_v3, tmp_path, mic):
     srv = fake_v3(api_keys={KEY})
     sock = tmp_path / "ctl.sock"
-    cfg = tmp_path / "pttd.toml"
-    cfg.write_text(f"""
-[stt]
-url = "{srv.url}"
-api_key = "{KEY}"
-[audio]
-device = "{mic.device}"
-capture_format = "S32_LE"
-capture_channels = 2
-capture_rate = 48000
-[gpio]
-pin_factory = "mock"
-[control]
-socket = "{sock}"
-[output]
-stdout = "jsonl"
-journal = false
-""")
+    cfg = alsa_config(tmp_path, srv, mic, sock)
     mic.vanish()
     notify = NotifySocket(tmp_path / "notify.sock")
     d = DaemonProcess(cfg, sock, env={**mic.env, "NOTIFY_SOCKET": notify.path})

@@ -250,23 +250,9 @@ def test_run_on_local_engine_without_key(tmp_path):
     from tests.daemon_proc import write_wav
     write_wav(mic, np.concatenate([np.zeros(RATE, "<i2"), speech, np.zeros(RATE * 3, "<i2")]))
     sock = tmp_path / "ctl.sock"
-    cfg = tmp_path / "local.toml"
-    cfg.write_text(f"""
-[stt]
-url = "local"
-[audio]
-source = "wav"
-wav = "{mic}"
-[gpio]
-pin_factory = "mock"
-[control]
-socket = "{sock}"
-[output]
-stdout = "jsonl"
-journal = false
+    cfg = write_config(tmp_path / "local.toml", url="local", wav=mic, socket=sock, tail="""
 [local]
-phrases = ["turn on the kitchen lights", "turn off the kitchen lights", "what time is it"]
-""")
+phrases = ["turn on the kitchen lights", "turn off the kitchen lights", "what time is it"]""")
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("ASSEMBLYAI_API_KEY", "CREDENTIALS_DIRECTORY")}
     d = DaemonProcess(cfg, sock, env={"ASSEMBLYAI_API_KEY": ""})
