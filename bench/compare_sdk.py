@@ -51,6 +51,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import wave
@@ -60,7 +61,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
-RATE, FRAME_S, FRAME_SAMPLES = 16000, 0.05, 800
+RATE = 16000
+CHUNK_MS = int(os.environ.get("PTTD_BENCH_CHUNK_MS", "50"))   # --chunk-ms, passed to children
+FRAME_S, FRAME_SAMPLES = CHUNK_MS / 1000, RATE * CHUNK_MS // 1000
 MODEL = "universal-streaming-english"
 CYCLE_A = (1200, 1800)      # phase 1: speech, silence (ms); silence > 1280 ms ends a turn
 CYCLE_B = (800, 1200)       # phase 2 (pttd presses): the press/release end each turn
@@ -343,13 +346,48 @@ def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: st
 # child: the whole daemon (``pttd run``), with timestamps noted around a few methods
 # ================================================================================================
 
+def thread_cpu_ns() -> dict[str, int]:
+    """CPU so far of every thread of this process, by Python thread name (ns)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[f"{names.get(int(tid), 'native')}|{tid}"] = int(f.read().split()[0])
+        except OSError:
+            pass
+    return out
+
+
 def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     import websocket
 
     from pttd import audio, cli, controller, outputs, ring, session, streamer
 
-    notes = {"appends": [], "sends": [], "rx": [], "streamers": [], "finish": [], "press": [],
+    notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "press": [],
              "release": [], "finals": [], "wav_t0": None}
+
+    # every thread's CPU when it ends (session threads end before the last snapshot is taken);
+    # with $PTTD_BENCH_CPROFILE=DIR also a cProfile per thread, timed in thread CPU time
+    prof_dir = os.environ.get("PTTD_BENCH_CPROFILE")
+    thread_run = threading.Thread.run
+
+    def run_thread(self):
+        prof = None
+        if prof_dir:
+            import cProfile
+            prof = cProfile.Profile(time.thread_time)
+            prof.enable()
+        try:
+            thread_run(self)
+        finally:
+            notes["ended"].append([f"{self.name}|{self.native_id}", time.monotonic(),
+                                   time.thread_time_ns()])
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.path.join(prof_dir, f"{self.name}-{self.native_id}.prof"))
+
+    threading.Thread.run = run_thread
 
     ws_send = websocket.WebSocket.send
 
@@ -381,7 +419,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     def run_wav(self):
         notes["wav_t0"] = time.monotonic()
-        Path(t0_path).write_text(repr(notes["wav_t0"]))
+        Path(t0_path).write_text(f"{notes['wav_t0']!r} {os.getpid()}")
         return wav_run(self)
 
     audio.WavSource._run = run_wav
@@ -402,6 +440,8 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     press, release = controller.Controller._press, controller.Controller._release
 
     def on_press(self, at):
+        if not notes["press"]:
+            notes["threads0"] = thread_cpu_ns()
         notes["press"].append([time.monotonic(), cpu_now(), at])
         return press(self, at)
 
@@ -416,13 +456,23 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     def sink_emit(self, event):
         emit(self, event)
         if event.get("event") == "final":
+            if event["press_id"] == 1 and event["latency_ms"] > 0:
+                notes["threads1"] = thread_cpu_ns()
             notes["finals"].append([time.monotonic(), cpu_now(), event["turn_order"],
                                     event["session_id"], event["press_id"], event["audio_ms"],
                                     event["latency_ms"]])
 
     outputs.StdoutSink.emit = sink_emit
 
-    code = cli.main(["run", "-c", config])
+    if os.environ.get("PTTD_BENCH_SWITCHINTERVAL"):   # A/B knob; cmd_run may set its own after
+        sys.setswitchinterval(float(os.environ["PTTD_BENCH_SWITCHINTERVAL"]))
+    if prof_dir:
+        import cProfile
+        prof = cProfile.Profile(time.thread_time)
+        code = prof.runcall(cli.main, ["run", "-c", config])
+        prof.dump_stats(os.path.join(prof_dir, "MainThread.prof"))
+    else:
+        code = cli.main(["run", "-c", config])
     notes.update(vmhwm_kb=vm_kb("VmHWM"), modules=third_party_modules(),
                  switchinterval=sys.getswitchinterval())
     Path(out_path).write_text(json.dumps(notes))
@@ -432,6 +482,12 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 # ================================================================================================
 # the parent
 # ================================================================================================
+
+def child_env(**extra) -> dict:
+    """Every contender gets OPENBLAS_NUM_THREADS=1, as systemd/pttd.service sets for the daemon."""
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+    return dict(os.environ, PYTHONPATH=path, OPENBLAS_NUM_THREADS="1", **extra)
+
 
 def import_time_s(modules: list[str], runs: int = 3) -> float:
     import statistics
@@ -443,7 +499,7 @@ def import_time_s(modules: list[str], runs: int = 3) -> float:
     times = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+                             env=child_env(), cwd=ROOT)
         times.append(float(out.stdout.strip().splitlines()[-1]))
     return statistics.median(times)
 
@@ -475,11 +531,11 @@ def eot_received(rx: list) -> dict:
 
 
 def run_pacer(kind: str, server: Server, wav: Path, seconds: float, tmp: Path) -> dict:
-    out = tmp / f"{kind}.json"
+    out = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=tmp)) / "out.json"
     t_spawn = time.monotonic()
     proc = subprocess.run([sys.executable, __file__, "--child", kind, server.url, str(wav),
                            str(seconds), str(out)], cwd=ROOT, text=True, capture_output=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=child_env())
     if proc.returncode != 0 or not out.exists():
         raise SystemExit(f"{kind} child failed:\n{proc.stderr[-3000:]}")
     r = json.loads(out.read_text())
@@ -502,11 +558,14 @@ def run_pacer(kind: str, server: Server, wav: Path, seconds: float, tmp: Path) -
 
 
 def run_pttd(server: Server, wav: Path, b_start_ms: int, seconds: float, presses: int,
-             tmp: Path, idle_s: float = 5.0, spy: str | None = None) -> dict:
+             tmp: Path, idle_s: float = 5.0, spy: str | None = None,
+             cprofile: str | None = None) -> dict:
     import signal
     import socket
 
     from pttd.control import request
+
+    tmp = Path(tempfile.mkdtemp(prefix="pttd-", dir=tmp))
 
     cfg = tmp / "pttd.toml"
     sock_path = tmp / "ctl.sock"
@@ -519,6 +578,7 @@ source = "wav"
 wav = "{wav}"
 preroll_ms = {PREROLL_MS}
 postroll_ms = {POSTROLL_MS}
+chunk_ms = {CHUNK_MS}
 [gpio]
 pin_factory = "mock"
 [control]
@@ -532,10 +592,16 @@ journal = false
     nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     nsock.bind(str(notify))
     nsock.settimeout(20)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify), PYTHONUNBUFFERED="1")
+    env = child_env(NOTIFY_SOCKET=str(notify), PYTHONUNBUFFERED="1")
+    if cprofile:
+        os.makedirs(cprofile, exist_ok=True)
+        env["PTTD_BENCH_CPROFILE"] = os.path.abspath(cprofile)
+    argv = [sys.executable, __file__, "--child", "pttd", str(cfg), str(out), str(t0_file)]
+    if spy:  # py-spy cannot attach to a running process in this container; it launches instead
+        argv = ["py-spy", "record", "--nonblocking", "--threads", "-r", "250", "-f", "raw", "-o", spy,
+                "--"] + argv
     t_spawn = time.monotonic()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", "pttd", str(cfg), str(out),
-                             str(t0_file)], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finals: list[dict] = []
     got_final = threading.Condition()
@@ -569,13 +635,8 @@ journal = false
         proc.kill()
         raise SystemExit(f"pttd never sent READY=1: {''.join(err_lines)[-2000:]}")
     t_ready = time.monotonic()
-    spy_proc = None
-    if spy:
-        spy_proc = subprocess.Popen(["py-spy", "record", "--native", "--threads", "--idle", "-r", "200",
-                                     "-f", "speedscope", "-o", spy, "--pid", str(proc.pid)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-    wav_t0 = float(t0_file.read_text())
+    wav_t0, pid = t0_file.read_text().split()
+    wav_t0, pid = float(wav_t0), int(pid)
     rel_sent = []
     # phase 1: one long press from READY
     t_press = time.monotonic()
@@ -593,16 +654,13 @@ journal = false
         rel_sent.append(time.monotonic())
         request(str(sock_path), "release")
     wait_final(presses + 1)
-    if spy_proc is not None:
-        spy_proc.send_signal(signal.SIGINT)
-        spy_proc.wait(30)
     time.sleep(1.0)
-    idle0 = task_cpu_s(proc.pid)
+    idle0 = task_cpu_s(pid)
     time.sleep(idle_s)
-    idle_ms_per_s = (task_cpu_s(proc.pid) - idle0) / idle_s * 1000
-    proc.send_signal(signal.SIGTERM)
+    idle_ms_per_s = (task_cpu_s(pid) - idle0) / idle_s * 1000
+    os.kill(pid, signal.SIGTERM)
     try:
-        proc.wait(15)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
     nsock.close()
@@ -657,7 +715,17 @@ journal = false
     t2f = [(t - eot[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in eot]
     got = eot_received(n["rx"])
     rx2f = [(t - got[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in got]
-    return {"kind": "pttd", "cpu_ms_per_s": cpu_ms_per_s, "audio_s": audio_s,
+    per_thread: dict[str, float] = {}
+    t_end1 = f1[0]
+    last = dict(n["threads1"])
+    for key, t_ended, ns in n["ended"]:
+        if key not in last and t_ended <= t_end1:
+            last[key] = ns
+    for key, ns in last.items():
+        name = "".join(c if not c.isdigit() else "N" for c in key.split("|")[0])
+        name = name.replace("NN", "N").replace("NN", "N")
+        per_thread[name] = per_thread.get(name, 0.0) + (ns - n["threads0"].get(key, 0)) / 1e6 / audio_s
+    return {"kind": "pttd", "cpu_ms_per_s": cpu_ms_per_s, "per_thread": per_thread, "audio_s": audio_s,
             "rss_mb": n["vmhwm_kb"] / 1024, "import_ms": import_time_s(n["modules"]) * 1000,
             "first_frame_ms": (sessions[0]["binary"][0] - t_spawn) * 1000,
             "ready_ms": (t_ready - t_spawn) * 1000, "lateness": lat, "lat_t": lat_t,
@@ -667,52 +735,88 @@ journal = false
             "switchinterval": n["switchinterval"]}
 
 
+def summarise(r: dict) -> dict:
+    """One round's figures as scalars."""
+    out = {k: r[k] for k in ("cpu_ms_per_s", "rss_mb", "import_ms", "first_frame_ms", "frames")}
+    for key, name in (("lateness", "lat"), ("fe_own", "fe_own"), ("fe_raw", "fe_raw"),
+                      ("rx_to_final", "rx"), ("turn_to_final", "t2f")):
+        vals = r.get(key) or []
+        out[f"{name}_p50"], out[f"{name}_p99"] = pct(vals, 50), pct(vals, 99)
+        out[f"{name}_max"] = max(vals) if vals else float("nan")
+        out[f"{name}_n"] = len(vals)
+    if r["kind"] == "pttd":
+        out.update(ready_ms=r["ready_ms"], idle_ms_per_s=r["idle_ms_per_s"],
+                   backlog_frames=r["backlog_frames"], cap_p50=pct(r["capture_late"], 50),
+                   cap_p99=pct(r["capture_late"], 99), switchinterval=r["switchinterval"])
+        out.update({f"thread:{k}": v for k, v in r["per_thread"].items()})
+    return out
+
+
+def aggregate(rounds: list[dict]) -> dict:
+    """Median of each figure over the rounds (a figure missing from a round counts as absent)."""
+    import statistics
+
+    keys = {k for r in rounds for k in r}
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rounds if k in r and r[k] == r[k]]   # drop NaN
+        out[k] = statistics.median(vals) if vals else float("nan")
+    out["rounds"] = len(rounds)
+    out["cpu_rounds"] = [r["cpu_ms_per_s"] for r in rounds]
+    return out
+
+
 def fmt_table(results: dict[str, dict]) -> str:
+    """``results``: contender -> aggregate() of its rounds."""
     kinds = [k for k in CONTENDERS if k in results]
     names = {"pttd": "pttd daemon", "session": "pttd Session", "sdk": "SDK", "bare": "bare ws"}
     rows = [
-        ("CPU ms per audio s", lambda r: f"{r['cpu_ms_per_s']:.2f}"),
-        ("peak RSS (VmHWM) MB", lambda r: f"{r['rss_mb']:.1f}"),
-        ("import time ms", lambda r: f"{r['import_ms']:.0f}"),
-        ("start -> first frame ms", lambda r: f"{r['first_frame_ms']:.0f}"),
-        ("send lateness p50 ms", lambda r: f"{pct(r['lateness'], 50):.2f}"),
-        ("send lateness p99 ms", lambda r: f"{pct(r['lateness'], 99):.2f}"),
-        ("send lateness max ms", lambda r: f"{max(r['lateness']):.2f}"),
-        ("last post-roll sample -> FE on wire p50/p99", lambda r: f"{pct(r['fe_own'], 50):.2f} / {pct(r['fe_own'], 99):.2f}"),
-        ("release + post-roll -> FE on wire p50/p99", lambda r: f"{pct(r['fe_raw'], 50):.1f} / {pct(r['fe_raw'], 99):.1f}"),
-        ("  samples", lambda r: f"{len(r['fe_own'])}"),
-        ("Turn received -> final delivered p50/p99", lambda r: f"{pct(r['rx_to_final'], 50):.2f} / {pct(r['rx_to_final'], 99):.2f}"),
-        ("Turn sent by server -> delivered p50/p99", lambda r: f"{pct(r['turn_to_final'], 50):.2f} / {pct(r['turn_to_final'], 99):.2f}"),
-        ("  samples", lambda r: f"{len(r['rx_to_final'])}"),
-        ("frames timed", lambda r: f"{r['frames']}"),
+        ("CPU ms per audio s", "cpu_ms_per_s", "{:.2f}"),
+        ("peak RSS (VmHWM) MB", "rss_mb", "{:.1f}"),
+        ("import time ms", "import_ms", "{:.0f}"),
+        ("start -> first frame ms", "first_frame_ms", "{:.0f}"),
+        ("send lateness p50 ms", "lat_p50", "{:.2f}"),
+        ("send lateness p99 ms", "lat_p99", "{:.2f}"),
+        ("send lateness max ms", "lat_max", "{:.2f}"),
+        ("last post-roll sample -> FE on wire p50 ms", "fe_own_p50", "{:.2f}"),
+        ("last post-roll sample -> FE on wire p99 ms", "fe_own_p99", "{:.2f}"),
+        ("release + post-roll -> FE on wire p50 ms", "fe_raw_p50", "{:.1f}"),
+        ("release + post-roll -> FE on wire p99 ms", "fe_raw_p99", "{:.1f}"),
+        ("  FE samples per round", "fe_own_n", "{:.0f}"),
+        ("Turn received -> final delivered p50 ms", "rx_p50", "{:.2f}"),
+        ("Turn received -> final delivered p99 ms", "rx_p99", "{:.2f}"),
+        ("Turn sent by server -> delivered p99 ms", "t2f_p99", "{:.2f}"),
+        ("  Turn samples per round", "rx_n", "{:.0f}"),
+        ("frames timed per round", "frames", "{:.0f}"),
     ]
     width = 42
     lines = ["| figure | " + " | ".join(names[k] for k in kinds) + " | pttd/SDK |",
              "|---|" + "---|" * (len(kinds) + 1)]
-    ratio_of = {"CPU ms per audio s": "cpu_ms_per_s", "peak RSS (VmHWM) MB": "rss_mb",
-                "import time ms": "import_ms", "start -> first frame ms": "first_frame_ms"}
-    for label, f in rows:
+    ratios = {"cpu_ms_per_s", "rss_mb", "import_ms", "first_frame_ms", "lat_p50", "lat_p99", "lat_max"}
+    for label, key, fmt in rows:
         cells = []
         for k in kinds:
-            try:
-                cells.append(f(results[k]))
-            except (KeyError, ValueError, TypeError):
-                cells.append("-")
+            v = results[k].get(key, float("nan"))
+            cells.append("-" if v != v else fmt.format(v))
         ratio = ""
-        if label in ratio_of and "pttd" in results and "sdk" in results:
-            ratio = f"{results['pttd'][ratio_of[label]] / results['sdk'][ratio_of[label]]:.2f}"
-        elif label.startswith("send lateness") and "pttd" in results and "sdk" in results:
-            p = {"p50": 50, "p99": 99, "max": 100}[label.split()[2]]
-            ratio = f"{pct(results['pttd']['lateness'], p) / pct(results['sdk']['lateness'], p):.2f}"
+        if key in ratios and "pttd" in results and "sdk" in results:
+            ratio = f"{results['pttd'][key] / results['sdk'][key]:.2f}"
         lines.append(f"| {label:<{width}} | " + " | ".join(cells) + f" | {ratio} |")
+    rounds = max(r["rounds"] for r in results.values())
+    lines.append("")
+    lines.append(f"medians of {rounds} round(s); CPU ms per audio s in each round: " + "; ".join(
+        f"{names[k]} " + ", ".join(f"{v:.2f}" for v in results[k]["cpu_rounds"]) for k in kinds))
     p = results.get("pttd")
     if p:
-        lines.append("")
         lines.append(f"pttd daemon: process start -> READY=1 {p['ready_ms']:.0f} ms; idle (mic on, "
-                     f"no press) {p['idle_ms_per_s']:.2f} ms CPU per s; {p['backlog_frames']} "
+                     f"no press) {p['idle_ms_per_s']:.2f} ms CPU per s; {p['backlog_frames']:.0f} "
                      f"pre-roll/connect backlog frames not timed; capture thread (WAV) lateness "
-                     f"p50/p99 {pct(p['capture_late'], 50):.2f} / {pct(p['capture_late'], 99):.2f} ms; "
+                     f"p50/p99 {p['cap_p50']:.2f} / {p['cap_p99']:.2f} ms; "
                      f"switch interval {p['switchinterval'] * 1000:g} ms")
+        threads = sorted(((k[7:], v) for k, v in p.items() if k.startswith("thread:")),
+                         key=lambda kv: -kv[1])
+        lines.append("pttd daemon CPU by thread during the turn (ms per audio s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in threads if v >= 0.01))
     return "\n".join(lines)
 
 
@@ -737,7 +841,7 @@ def plot(results: dict[str, dict], path: str) -> None:
     ax1.set_xlabel("audio time (s)")
     ax1.set_ylabel("send lateness (ms)")
     ax1.set_yscale("log")
-    ax1.set_title("Frame deadline -> WebSocket send returned, 50 ms frames")
+    ax1.set_title(f"Frame deadline -> WebSocket send returned, {CHUNK_MS} ms frames")
     ax1.legend(markerscale=5)
     ax2.set_xscale("log")
     ax2.set_xlabel("send lateness (ms)")
@@ -760,39 +864,54 @@ def machine() -> str:
 
 def main() -> None:
     import argparse
-    import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--presses", type=int, default=20, help="pttd's short presses (release -> FE)")
     ap.add_argument("--only", default=",".join(CONTENDERS))
+    ap.add_argument("--chunk-ms", type=int, default=50,
+                    help="frame size for every contender (pttd: [audio] chunk_ms, also its WAV "
+                         "source's block); 100 approximates an ALSA mic's 100 ms periods")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every contender this many times, interleaved; the table shows medians")
     ap.add_argument("--plot", default=str(ROOT / "bench" / "send_lateness.png"))
     ap.add_argument("--json", help="write every figure and sample here")
-    ap.add_argument("--py-spy", dest="spy", help="profile the pttd daemon with py-spy into FILE (speedscope)")
+    ap.add_argument("--py-spy", dest="spy", metavar="FILE",
+                    help="run the pttd daemon under py-spy record (raw format) into FILE")
+    ap.add_argument("--cprofile", metavar="DIR",
+                    help="cProfile every pttd thread (thread CPU time) into DIR/*.prof")
     args = ap.parse_args()
     kinds = [k for k in CONTENDERS if k in args.only.split(",")]
+    global CHUNK_MS, FRAME_S, FRAME_SAMPLES
+    CHUNK_MS, FRAME_S, FRAME_SAMPLES = args.chunk_ms, args.chunk_ms / 1000, RATE * args.chunk_ms // 1000
+    os.environ["PTTD_BENCH_CHUNK_MS"] = str(args.chunk_ms)
     tmp = Path(tempfile.mkdtemp(prefix="pttd-compare-"))
     wav = tmp / "speech.wav"
     b_start, total = make_wav(wav, args.seconds, args.presses)
-    print(f"compare_sdk: {args.seconds:g} s of paced audio, {machine()}", flush=True)
+    print(f"compare_sdk: {args.seconds:g} s of paced audio in {args.chunk_ms} ms frames, "
+          f"{args.rounds} round(s), {machine()}",
+          flush=True)
     server = Server()
-    results = {}
+    raw: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
-        for kind in kinds:
-            print(f"  running {kind} ...", flush=True)
-            if kind == "pttd":
-                results[kind] = run_pttd(server, wav, b_start, args.seconds, args.presses, tmp,
-                                         spy=args.spy)
-            else:
-                results[kind] = run_pacer(kind, server, wav, args.seconds, tmp)
+        for i in range(args.rounds):
+            for kind in kinds:
+                print(f"  round {i + 1}: {kind} ...", flush=True)
+                if kind == "pttd":
+                    r = run_pttd(server, wav, b_start, args.seconds, args.presses, tmp,
+                                 spy=args.spy, cprofile=args.cprofile)
+                else:
+                    r = run_pacer(kind, server, wav, args.seconds, tmp)
+                raw[kind].append(r)
     finally:
         server.close()
+    results = {k: aggregate([summarise(r) for r in rs]) for k, rs in raw.items()}
     print(fmt_table(results))
     if args.plot:
-        plot(results, args.plot)
-        print(f"plot: {args.plot}")
+        plot({k: rs[-1] for k, rs in raw.items()}, args.plot)
+        print(f"plot: {args.plot} (last round)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results))
+        Path(args.json).write_text(json.dumps({"summary": results, "rounds": raw}))
 
 
 if __name__ == "__main__":

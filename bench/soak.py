@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dump", metavar="DIR", help="write the daemon's events and debug log here")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     presses = int(args.minutes * 60_000 // CYCLE_MS)
@@ -67,7 +68,8 @@ def main() -> None:
     srv.queue_faults(*[random_fault(rng) for _ in range(presses * 3)])
     cfg = write_config(tmp / "pttd.toml", url=srv.url, key=KEY, wav=tmp / "mic.wav",
                        socket=tmp / "ctl.sock")
-    d = DaemonProcess(cfg, tmp / "ctl.sock")
+    argv = [sys.executable, "-m", "pttd.cli"] + (["-v"] if args.dump else []) + ["run", "-c", str(cfg)]
+    d = DaemonProcess(cfg, tmp / "ctl.sock", argv=argv)
     try:
         d.wait_ready()
         start_stats = proc_stats(d.proc.pid)
@@ -88,6 +90,13 @@ def main() -> None:
     finally:
         d.kill()
         srv.stop()
+    if args.dump:
+        import json
+        out = Path(args.dump)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in d.all_events))
+        (out / "stderr.log").write_text("".join(d.stderr_lines))
+        (out / "faults.txt").write_text("".join(f"{c.index} {c.faults}\n" for c in srv.connections))
     finals = [e for e in d.all_events if e["event"] == "final"]
     per_press = collections.Counter(e["press_id"] for e in finals)
     errors = collections.Counter(e["code"] for e in d.all_events if e["event"] == "error")
@@ -102,6 +111,12 @@ def main() -> None:
     print(f"  threads start/end {start_stats[1]} / {end_stats[1]}")
     print(f"  exit code {code}, stop took {took:.2f} s, tracebacks: "
           f"{sum('Traceback' in line for line in d.stderr_lines)}")
+    missing = sorted(set(range(1, presses + 1)) - set(per_press))
+    if missing:
+        print(f"  missing press ids: {missing}")
+        for line in d.stderr_lines:
+            if "WARNING" in line or "ERROR" in line or "dropping" in line:
+                print("   ", line.rstrip())
 
 
 if __name__ == "__main__":

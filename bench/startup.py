@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def pttd_argv() -> list[str]:
@@ -37,12 +36,32 @@ def pttd_argv() -> list[str]:
 
 
 def make_config(tmp: Path, journal: bool) -> Path:
-    from tests.daemon_proc import speech_wav, write_config
+    """Own config and WAV (5 s of silence), so the bench does not lean on the test helpers."""
+    import wave
 
     wav = tmp / "mic.wav"
-    speech_wav(wav, layout=((5000, False),))
-    return write_config(tmp / "pttd.toml", url="ws://127.0.0.1:9/v3/ws", key="bench-key",
-                        wav=wav, socket=tmp / "ctl.sock", stdout="text", journal=journal)
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(2 * 16000 * 5))
+    cfg = tmp / "pttd.toml"
+    cfg.write_text(f"""
+[stt]
+url = "ws://127.0.0.1:9/v3/ws"
+api_key = "bench-key"
+[audio]
+source = "wav"
+wav = "{wav}"
+[gpio]
+pin_factory = "mock"
+[control]
+socket = "{tmp / 'ctl.sock'}"
+[output]
+stdout = "text"
+journal = {"true" if journal else "false"}
+""")
+    return cfg
 
 
 def one_run(argv: list[str], cfg: Path, tmp: Path, extra_env: dict | None = None,
@@ -98,11 +117,49 @@ def importtime_report(argv: list[str], cfg: Path, tmp: Path, top: int = 15) -> N
         print(f"  {cum / 1000:7.1f} ms  {'  ' * depth}{name}")
 
 
+# Incremental cost of each import, in this order, in one fresh interpreter: each library is
+# charged for what it loads that was not loaded before (third-party first, then pttd's modules).
+IMPORT_ORDER = ["json", "ssl", "websocket", "numpy", "gpiozero", "gpiozero.pins.mock", "asyncio",
+                "websockets.asyncio.server", "systemd.journal", "alsaaudio", "pttd.config",
+                "pttd.protocol", "pttd.session", "pttd.controller", "pttd.daemon", "pttd.audio",
+                "pttd.outputs", "pttd.control", "pttd.peripherals", "pttd.service", "pttd.kiosk",
+                "pttd.mqtt", "pttd.typing_sink", "pttd.hook", "pttd.cli"]
+SDK_ORDER = ["json", "ssl", "websockets.sync.client", "pydantic", "httpx", "assemblyai",
+             "assemblyai.streaming.v3"]
+
+_COST = r"""
+import importlib, sys, time
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+base_rss, base_n = rss(), len(sys.modules)
+print(f"  {'ms':>6} {'MB RSS':>7} {'modules':>7}  (interpreter alone: {base_rss:.1f} MB, {base_n} modules)")
+for name in sys.argv[1:]:
+    r0, n0, t0 = rss(), len(sys.modules), time.perf_counter()
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        print(f"  {'-':>6} {'-':>7} {'-':>7}  {name}: {type(exc).__name__}")
+        continue
+    print(f"  {(time.perf_counter() - t0) * 1000:6.1f} {rss() - r0:7.2f} {len(sys.modules) - n0:7d}  {name}")
+print(f"  total {rss() - base_rss:.1f} MB RSS over the bare interpreter, {len(sys.modules)} modules")
+"""
+
+
+def import_costs(order: list[str], title: str) -> None:
+    print(f"\n{title} (incremental, one fresh interpreter, this order):")
+    subprocess.run([sys.executable, "-c", _COST, *order], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--journal", action="store_true", help="output.journal = true (imports systemd.journal)")
     ap.add_argument("--importtime", action="store_true", help="also break down the imports")
+    ap.add_argument("--import-costs", action="store_true",
+                    help="also print time and RSS of each library pttd (and the SDK) imports")
     args = ap.parse_args()
     argv = pttd_argv()
     tmp = Path(tempfile.mkdtemp(prefix="pttd-startup-"))
@@ -118,6 +175,9 @@ def main() -> None:
           f"min {min(times) * 1000:.0f}  max {max(times) * 1000:.0f} ms  ({args.runs} runs)")
     if args.importtime:
         importtime_report(argv, cfg, tmp)
+    if args.import_costs:
+        import_costs(IMPORT_ORDER, "pttd's imports")
+        import_costs(SDK_ORDER, "the SDK's imports")
 
 
 if __name__ == "__main__":

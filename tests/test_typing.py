@@ -610,3 +610,15 @@ def _wait(cond, timeout=15.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)  # polling with a deadline
+
+
+def test_udev_rule_and_unit_example_grant_uinput_to_group_input():
+    root = Path(__file__).resolve().parent.parent
+    rules = [line for line in (root / "hardware/99-pttd-uinput.rules").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(rules) == 1
+    fields = dict(re.findall(r'([A-Z_]+)[=+!]=?"([^"]*)"', rules[0]))
+    assert fields["KERNEL"] == "uinput" and fields["SUBSYSTEM"] == "misc"
+    assert fields["GROUP"] == "input" and fields["MODE"] == "0660"
+    dropin = (root / "systemd/pttd.service.d/example-override.conf").read_text()
+    assert "#DeviceAllow=/dev/uinput rw" in dropin and "#SupplementaryGroups=input" in dropin

@@ -80,7 +80,7 @@ def setup_logging(verbose: bool) -> None:
         handler = journal_logging_handler()
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("pttd: %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("pttd: %(asctime)s %(levelname)s: %(message)s"))
     root.handlers[:] = [handler]
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
@@ -94,6 +94,10 @@ def _load(args):
 def cmd_run(args) -> int:
     from .daemon import StartupError, run
 
+    # The daemon's threads mostly sleep; a waking one waits for the GIL at most this long when
+    # another runs Python (5 ms by default: ~5 ms added to wake-ups next to a busy thread, such
+    # as the in-process offline engine; ~1.3 ms at 1 ms). No CPU cost measured (bench/RESULTS.md).
+    sys.setswitchinterval(0.001)
     cfg = _load(args)
     try:
         return run(cfg)

@@ -8,7 +8,7 @@ replayed from the ring buffer on a new session, from just after the last word al
 """
 from __future__ import annotations
 
-import dataclasses
+import collections
 import logging
 import queue
 import random
@@ -97,7 +97,8 @@ class Press:
     fe_sent_at: float | None = None
     final_deadline: float | None = None
     heard_speech: bool = False
-    last_partial: str = ""
+    last_partial: str = ""               # text of the turn in progress ("" once finalized)
+    overdue_replayed: bool = False
     finals: int = 0
     cancelled: bool = False
     engine: str = "cloud"                # "cloud" or "local" (the offline engine)
@@ -128,6 +129,8 @@ class Controller:
         self._q: queue.Queue = queue.Queue(maxsize=QUEUE_BOUND)
         self._thread = threading.Thread(target=self._main, name="controller", daemon=True)
         self._presses: list[Press] = []
+        # finished presses whose sessions may still deliver a late final (bounded)
+        self._recent: collections.deque[Press] = collections.deque(maxlen=32)
         self._press_counter = 0
         self._warm: Session | None = None
         self._closing: set[Session] = set()
@@ -295,6 +298,7 @@ class Controller:
             return
         press.attempts += 1
         press.retry_at = None
+        log.debug("press %d: opening session (attempt %d)", press.press_id, press.attempts)
         if (self.s.fallback and self._cloud_retry_at is not None
                 and self._clock() < self._cloud_retry_at):
             press.engine = "local"
@@ -304,6 +308,9 @@ class Controller:
 
     def _press_of(self, session: Session) -> Press | None:
         for p in self._presses:
+            if p.session is session:
+                return p
+        for p in self._recent:
             if p.session is session:
                 return p
         return None
@@ -346,10 +353,15 @@ class Controller:
         press = next((p for p in self._presses if p.streamer is done.streamer), None)
         if press is None or press.done:
             return
+        log.debug("press %d: ForceEndpoint queued on %s after %d samples", press.press_id,
+                  press.session.name if press.session else "?", done.samples_sent)
         press.lost_samples += done.lost_samples
         press.audio_ms = (done.streamer.end - press.start_pos) * 1000 / self.s.sample_rate
         press.fe_sent_at = done.force_endpoint_at
-        wait = self.s.final_timeout_s if press.heard_speech else self.s.empty_final_timeout_s
+        # the short wait is for a press with nothing said; a replayed press may never have had
+        # the chance to show its words, so it gets the full wait
+        sure_empty = not press.heard_speech and press.attempts <= 1 and press.replay_pos is None
+        wait = self.s.empty_final_timeout_s if sure_empty else self.s.final_timeout_s
         press.final_deadline = self._clock() + wait
 
     def _on_final(self, press: Press | None, session: Session, final: FinalTurn) -> None:
@@ -357,6 +369,9 @@ class Controller:
         if press is None or press.cancelled:
             log.info("dropping a final of a cancelled or unknown press")
             return
+        if press.done:
+            log.warning("press %d: final arrived after its wait ended; delivering it late",
+                        press.press_id)
         now_wall = time.time()
         latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
         extra = {}
@@ -373,6 +388,7 @@ class Controller:
             self.last_final = event
             self._emit(event)
             press.finals += 1
+        press.last_partial = ""
         last_word_end = max((w.end for w in turn.words), default=None)
         if last_word_end is not None:
             ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
@@ -405,7 +421,7 @@ class Controller:
             press.streamer.stop(0.5)
             press.streamer = None
         press.session = None
-        press.fe_sent_at = None
+        press.fe_sent_at = press.final_deadline = None
         if policy.kind == "auth":
             self._auth_blocked = True
             self._report_error(closed, None)
@@ -513,15 +529,34 @@ class Controller:
             if press.retry_at is not None and now >= press.retry_at:
                 self._retry(press)
             elif press.final_deadline is not None and now >= press.final_deadline:
-                log.info("press %d: no end-of-turn after ForceEndpoint; finishing", press.press_id)
-                self._finish_press(press, terminate=True)
+                self._final_overdue(press)
         if self._warm_until is not None and now >= self._warm_until:
             warm, self._warm, self._warm_until = self._warm, None, None
             if warm is not None:
                 self._closing.add(warm)
                 warm.terminate_async()
+        self._recent.extend(p for p in self._presses if p.done)
         self._presses = [p for p in self._presses if not p.done]
         self._refresh_state()
+
+    def _final_overdue(self, press: Press) -> None:
+        """No end-of-turn in time after ForceEndpoint: replay if words are at stake, else finish."""
+        session = press.session
+        error = session.pending_error if session is not None else None
+        unfinished_words = bool(press.last_partial) and not press.overdue_replayed
+        if session is None or (error is None and not unfinished_words):
+            log.info("press %d: no end-of-turn after ForceEndpoint; finishing", press.press_id)
+            self._finish_press(press, terminate=True)
+            return
+        press.overdue_replayed = press.overdue_replayed or error is None
+        code = error.code if error else None
+        reason = error.message if error else "no end-of-turn after ForceEndpoint"
+        log.info("press %d: %s; replaying on a new session", press.press_id, reason)
+        press.final_deadline = None
+        closed = SessionClosed(code=code, reason=reason, before_begin=False,
+                               policy=protocol.policy_for(code, reason))
+        self._session_failed(press, closed)
+        session.close(0)
 
     def _retry(self, press: Press) -> None:
         oldest = press.replay_pos if press.replay_pos is not None else press.start_pos

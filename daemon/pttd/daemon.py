@@ -160,17 +160,18 @@ class Daemon:
         """The hook runs per final; the kiosk mirrors every event (it also takes commands)."""
         import shutil
 
-        from .hook import HookSink
-        from .kiosk import KioskError, KioskServer
-
         out, k = self.cfg.output, self.cfg.kiosk
         sinks: list = []
         if out.hook:
+            from .hook import HookSink
+
             if shutil.which(out.hook[0]) is None:
                 raise StartupError(f"output.hook: {out.hook[0]} is not an executable program")
             sinks.append(HookSink(out.hook, out.hook_timeout_s, out.hook_retries))
         self.kiosk = None
         if k.listen:
+            from .kiosk import KioskError, KioskServer  # asyncio + websockets: only when used
+
             try:
                 self.kiosk = KioskServer(k.listen, lambda cmd: self.controller.command(cmd, "kiosk"),
                                          token=k.token, allowed_origins=k.allowed_origins)
@@ -194,12 +195,11 @@ class Daemon:
 
     def _typing_and_mqtt_sinks(self) -> list:
         """Built here so a missing library, /dev/uinput or password file stops start-up (exit 2)."""
-        from .mqtt import MqttBridge, MqttError
-        from .typing_sink import TypingError, TypingSink
-
         out, sinks = self.cfg.output, []
         self.mqtt = None
         if self.cfg.mqtt.url:
+            from .mqtt import MqttBridge, MqttError
+
             try:
                 self.mqtt = MqttBridge.from_config(
                     self.cfg.mqtt, on_command=lambda cmd: self.controller.command(cmd, "mqtt"))
@@ -207,6 +207,8 @@ class Daemon:
                 raise StartupError(str(exc)) from None
             sinks.append(self.mqtt)
         if out.type:
+            from .typing_sink import TypingError, TypingSink
+
             try:
                 sinks.append(TypingSink.open(out.type_layout, trailing=out.type_trailing,
                                              partials=out.type_partials,

@@ -210,7 +210,7 @@ class MqttBridge:
         mqtt = self._paho
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pttd-{self.device_id}",
                              protocol=mqtt.MQTTv311, clean_session=True)
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.enable_logger(_paho_logger())
         if username:
             client.username_pw_set(username, password)
         if self.broker.tls:
@@ -362,6 +362,22 @@ class MqttBridge:
                         why, FINAL_QUEUE)
 
 
+class _PahoAsDebug(logging.Filter):
+    """paho logs routine conditions as errors (e.g. "Client is not connected" while it retries);
+    pttd reports outages itself, so paho's lines are debug detail (shown with ``pttd -v``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _paho_logger() -> logging.Logger:
+    logger = logging.getLogger(__name__ + ".paho")
+    if not any(isinstance(f, _PahoAsDebug) for f in logger.filters):
+        logger.addFilter(_PahoAsDebug())
+    return logger
+
+
 def _wait_published(infos: list, deadline: float) -> None:
     for info in infos:
         remaining = deadline - time.monotonic()
@@ -386,6 +402,6 @@ def _import_paho():
     try:
         import paho.mqtt.client as mqtt
     except ImportError as exc:
-        raise MqttError(f"mqtt.url is set but paho-mqtt is not installed: "
-                        f"pip install 'pttd[mqtt]' ({exc})") from None
+        raise MqttError("mqtt.url is set but paho-mqtt is not installed: pip install "
+                        f"'pttd[mqtt]', or 'paho-mqtt>=2,<3' into pttd's venv ({exc})") from None
     return mqtt

@@ -107,6 +107,11 @@ class Session:
     def closed(self) -> SessionClosed | None:
         return self._closed
 
+    @property
+    def pending_error(self) -> protocol.ErrorMessage | None:
+        """An Error frame whose close has not come yet (the session is as good as gone)."""
+        return self._error if self._closed is None else None
+
     def start(self) -> None:
         """Connect in the background; ``on_event`` gets Begin or a SessionClosed."""
         self.opened_at = time.monotonic()

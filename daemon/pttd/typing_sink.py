@@ -387,6 +387,6 @@ def _import_evdev():
     try:
         import evdev
     except ImportError as exc:
-        raise TypingError("output.type = true needs python-evdev: "
-                          f"pip install 'pttd[type]' ({exc})") from None
+        raise TypingError("output.type = true needs python-evdev: pip install 'pttd[type]', or "
+                          f"'evdev>=1.6' into pttd's venv ({exc})") from None
     return evdev

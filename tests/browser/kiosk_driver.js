@@ -13,6 +13,7 @@ const { chromium } = require('playwright-core');
 
 const cfg = JSON.parse(process.argv[2]);
 const T = cfg.timeoutMs || 20000;
+const HOLD_MS = 1000;
 const CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
   '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync',
   '--no-proxy-server', '--disable-dev-shm-usage'];
@@ -60,11 +61,14 @@ async function holdTurn(page) {
   const c = await micCenter(page);
   await page.mouse.move(c.x, c.y);
   await page.mouse.down();
+  const downAt = Date.now();
   await stateIs(page, 'listening');
   await partialShown(page);
-  // keep holding until the words have come in (a hold, far beyond the tap threshold)
   await page.waitForFunction(() => window.__seen.filter((s) => s.kind === 'partial').length >= 2,
     null, { timeout: T });
+  // the input under test is a hold: keep the button down well past the page's 300 ms tap limit
+  // (the pre-roll can make the first words arrive sooner than that)
+  await page.waitForTimeout(Math.max(0, HOLD_MS - (Date.now() - downAt)));
   await page.screenshot({ path: path.join(cfg.artifacts, 'kiosk-partial.png') });
   const pressed = await page.getAttribute('#mic', 'aria-pressed');
   await page.mouse.up();
