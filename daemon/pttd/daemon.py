@@ -7,6 +7,7 @@ the first press. Stop order is the reverse, each part joined with a timeout, all
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class Daemon:
 
     def build(self) -> None:
         from .audio import AudioError, RingBuffer
-        from .outputs import JournalSink, Outputs, StdoutSink
+        from .outputs import JournalSink, Outputs, StdoutSink, journal_stream_matches
         from .service import Notifier
 
         cfg = self.cfg
@@ -54,7 +55,10 @@ class Daemon:
         a = cfg.audio
         self.ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
         self.notifier = Notifier()
-        sinks = [StdoutSink(cfg.output.stdout)] + list(self.extra_sinks)
+        stdout = cfg.output.stdout
+        if stdout == "text" and cfg.output.journal and journal_stream_matches(sys.stdout):
+            stdout = "none"  # under systemd stdout is the journal: don't record each final twice
+        sinks = [StdoutSink(stdout)] + list(self.extra_sinks)
         if cfg.output.journal:
             sinks.append(JournalSink(cfg.stt.speech_model))
         self.control_sink = _LateSink()
