@@ -418,8 +418,14 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     wav_run = audio.WavSource._run
 
     def run_wav(self):
+        # WavSource._run takes its t0 on its first line: note ours just before, and write it out
+        # from another thread later (a file write here would shift every deadline by ~0.7 ms)
+        def write():
+            time.sleep(0.01)
+            Path(t0_path).write_text(f"{notes['wav_t0']!r} {os.getpid()}")
+
+        threading.Thread(target=write, daemon=True).start()
         notes["wav_t0"] = time.monotonic()
-        Path(t0_path).write_text(f"{notes['wav_t0']!r} {os.getpid()}")
         return wav_run(self)
 
     audio.WavSource._run = run_wav
@@ -504,16 +510,21 @@ def import_time_s(modules: list[str], runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def task_cpu_s(pid: int) -> float:
-    """Sum of every live thread's CPU (ns precision, /proc/<pid>/task/*/schedstat)."""
-    total = 0
+def task_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU of every live thread of ``pid`` (ns, /proc/<pid>/task/*/schedstat)."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                out[tid] = int(f.read().split()[0])
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total / 1e9
+    return out
+
+
+def cpu_between(before: dict[str, int], after: dict[str, int]) -> float:
+    """Seconds of CPU used between two snapshots by the threads alive at both."""
+    return sum(after[t] - before[t] for t in before if t in after) / 1e9
 
 
 def eot_received(rx: list) -> dict:
@@ -635,6 +646,8 @@ journal = false
         proc.kill()
         raise SystemExit(f"pttd never sent READY=1: {''.join(err_lines)[-2000:]}")
     t_ready = time.monotonic()
+    while not t0_file.exists() or not t0_file.read_text():
+        time.sleep(0.005)
     wav_t0, pid = t0_file.read_text().split()
     wav_t0, pid = float(wav_t0), int(pid)
     rel_sent = []
@@ -655,9 +668,9 @@ journal = false
         request(str(sock_path), "release")
     wait_final(presses + 1)
     time.sleep(1.0)
-    idle0 = task_cpu_s(pid)
+    idle0 = task_cpu_ns(pid)
     time.sleep(idle_s)
-    idle_ms_per_s = (task_cpu_s(pid) - idle0) / idle_s * 1000
+    idle_ms_per_s = cpu_between(idle0, task_cpu_ns(pid)) / idle_s * 1000
     os.kill(pid, signal.SIGTERM)
     try:
         proc.wait(60)

@@ -46,6 +46,7 @@ def speech_wav(path: Path, layout=((2000, False), (2000, True), (4000, False)), 
 
 def write_config(path: Path, *, url: str, socket: Path, key: str | None = None,
                  wav: Path | None = None, audio: str = "", extra: str = "", tail: str = "",
+                 audio_extra: str = "",
                  stdout: str = "jsonl", journal: bool = False) -> Path:
     """A test config: mock GPIO, jsonl stdout; a WAV mic, or ``audio`` lines for [audio].
 
@@ -60,6 +61,7 @@ url = "{url}"
 {extra}
 [audio]
 {audio_lines}
+{audio_extra}
 [gpio]
 pin_factory = "mock"
 [control]
@@ -176,12 +178,12 @@ def daemon_factory(tmp_path):
     returns ``(DaemonProcess, wav samples)``; every daemon is killed at teardown."""
     started = []
 
-    def make(srv, extra="", layout=None, journal=False, key=None):
+    def make(srv, extra="", layout=None, journal=False, key=None, audio_extra=""):
         wav = tmp_path / "mic.wav"
         samples = speech_wav(wav, **({"layout": layout} if layout else {}))
         sock = tmp_path / "ctl.sock"
         cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=key or E2E_KEY, wav=wav,
-                           socket=sock, extra=extra, journal=journal)
+                           socket=sock, extra=extra, journal=journal, audio_extra=audio_extra)
         d = DaemonProcess(cfg, sock)
         started.append(d)
         d.wait_ready()

@@ -177,7 +177,8 @@ def test_network_down_twenty_seconds_three_presses_queued(fake_v3, daemon_factor
     port = srv.port
     layout = ((1000, False),) + ((1500, True), (1500, False)) * 3 + (
         (21000, False), (1500, True), (10000, False))
-    d, _ = daemon_factory(srv, layout=layout)
+    # a 10 s ring: the first presses would be overwritten during the outage without the queue
+    d, _ = daemon_factory(srv, layout=layout, audio_extra="ring_seconds = 10")
     srv.stop()  # the network goes down
     down_at = time.monotonic()
     try:

@@ -77,6 +77,9 @@ class Settings:
     max_connect_attempts: int = 8
     fallback: bool = False             # [stt] fallback = "local"
     fallback_retry_s: float = 30.0     # after a cloud failure, presses use the local engine this long
+    # presses waiting for the network keep their audio outside the ring buffer, up to this
+    # much in all; past it the oldest waiting press is dropped (reported as an error event)
+    offline_queue_s: float = 60.0
 
 
 # --- per-press bookkeeping -----------------------------------------------------------------------
@@ -99,6 +102,7 @@ class Press:
     heard_speech: bool = False
     last_partial: str = ""               # text of the turn in progress ("" once finalized)
     overdue_replayed: bool = False
+    audio: object = None                 # a ring.Snapshot once the press waits offline
     finals: int = 0
     cancelled: bool = False
     engine: str = "cloud"                # "cloud" or "local" (the offline engine)
@@ -338,8 +342,9 @@ class Controller:
 
     def _start_streaming(self, press: Press) -> None:
         start = press.replay_pos if press.replay_pos is not None else press.start_pos
-        chunk = self.s.chunk_ms * self.s.sample_rate // 1000
-        streamer = Streamer(self.ring, press.session, start, chunk, post=self.post,
+        chunk = self._chunk()
+        source = press.audio if press.audio is not None else self.ring
+        streamer = Streamer(source, press.session, start, chunk, post=self.post,
                             sample_rate=self.s.sample_rate, name=f"streamer-{press.press_id}")
         press.streamer = streamer
         if press.replay_pos is not None:
@@ -535,9 +540,35 @@ class Controller:
             if warm is not None:
                 self._closing.add(warm)
                 warm.terminate_async()
+        self._keep_waiting_audio()
         self._recent.extend(p for p in self._presses if p.done)
         self._presses = [p for p in self._presses if not p.done]
         self._refresh_state()
+
+    def _keep_waiting_audio(self) -> None:
+        """Copy the audio of released presses that wait for the network out of the ring.
+
+        Bounded by ``offline_queue_s`` in all: the oldest waiting press is dropped past it.
+        """
+        from .ring import snapshot
+
+        waiting = [p for p in self._presses if not p.done and p.session is None
+                   and p.end_pos is not None]
+        for press in waiting:
+            if press.audio is None and self.ring.end >= press.end_pos + self._chunk():
+                start = press.replay_pos if press.replay_pos is not None else press.start_pos
+                press.audio = snapshot(self.ring, start, press.end_pos + self._chunk())
+                press.lost_samples += press.audio.start - start
+        limit = int(self.s.offline_queue_s * self.s.sample_rate)
+        kept = [p for p in waiting if p.audio is not None]
+        while kept and sum(p.audio.samples for p in kept) > limit:
+            oldest = kept.pop(0)
+            self._emit(events.error_event(None, f"press {oldest.press_id} dropped: more than "
+                                          f"{self.s.offline_queue_s:g} s of audio waiting for the network"))
+            self._finish_press(oldest, terminate=False)
+
+    def _chunk(self) -> int:
+        return self.s.chunk_ms * self.s.sample_rate // 1000
 
     def _final_overdue(self, press: Press) -> None:
         """No end-of-turn in time after ForceEndpoint: replay if words are at stake, else finish."""
@@ -560,6 +591,9 @@ class Controller:
 
     def _retry(self, press: Press) -> None:
         oldest = press.replay_pos if press.replay_pos is not None else press.start_pos
+        if press.audio is not None:
+            self._open_session(press)
+            return
         if press.end_pos is not None and press.end_pos <= self.ring.start:
             self._emit(events.error_event(None, f"press {press.press_id}: its audio was "
                                           "overwritten before the server could be reached "

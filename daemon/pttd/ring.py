@@ -170,3 +170,41 @@ class RingBuffer:
         with self._cond:
             self._wakes += 1
             self._cond.notify_all()
+
+
+class Snapshot:
+    """A copy of ``[start, end)`` taken out of the ring, readable like the ring itself.
+
+    A press that must wait for the network keeps its audio here, so the ring buffer can go on
+    overwriting; the streamer reads it with the same calls it uses on the ring.
+    """
+
+    def __init__(self, start: int, data: bytes, sample_rate: int):
+        self.start = start
+        self.end = start + len(data) // 2
+        self.sample_rate = sample_rate
+        self._data = data
+
+    @property
+    def samples(self) -> int:
+        return self.end - self.start
+
+    def read(self, pos: int, max_samples: int) -> ReadResult:
+        lost = max(0, self.start - pos)
+        pos = max(pos, self.start)
+        n = max(0, min(max_samples, self.end - pos))
+        off = (pos - self.start) * 2
+        return ReadResult(self._data[off:off + n * 2], pos, pos + n, lost)
+
+    def wait_for(self, pos: int, timeout: float) -> bool:
+        return self.end > pos  # complete: nothing more will come
+
+    def wake(self) -> None:
+        pass
+
+
+def snapshot(ring: RingBuffer, start: int, end: int) -> Snapshot:
+    """Copy ``[start, end)`` (clipped to what the ring still holds) out of the ring."""
+    result = ring.read(start, max(0, end - start))
+    missing = end - result.next_pos  # not captured yet: pad, a snapshot never grows
+    return Snapshot(result.pos, result.data + bytes(2 * max(0, missing)), ring.sample_rate)
