@@ -74,6 +74,21 @@ journal = {"true" if journal else "false"}
     return path
 
 
+def wait_queue(q: "queue.Queue", pred, timeout: float, describe) -> object:
+    """The first item of ``q`` matching ``pred`` within ``timeout`` (items before it are consumed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(describe())
+        try:
+            item = q.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if pred(item):
+            return item
+
+
 class DaemonProcess:
     """``pttd run -c CONFIG`` with its stdout parsed into events on a reader thread."""
 
@@ -141,17 +156,8 @@ class DaemonProcess:
         raise AssertionError(f"audio position never reached {ms} ms")
 
     def wait_event(self, pred, timeout: float = 15.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching event; saw {self.all_events}")
-            try:
-                event = self.events.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if pred(event):
-                return event
+        return wait_queue(self.events, pred, timeout,
+                          lambda: f"no matching event; saw {self.all_events}")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
         t0 = time.monotonic()

@@ -23,7 +23,7 @@ import pytest
 from pttd import config as c
 from pttd import events
 from pttd import mqtt as m
-from tests.daemon_proc import DaemonProcess, speech_wav, write_config
+from tests.daemon_proc import DaemonProcess, speech_wav, wait_queue, write_config
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -148,17 +148,8 @@ class Subscriber:
         return self
 
     def wait(self, pred, timeout: float = 15.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching MQTT message; saw {self.seen}")
-            try:
-                item = self.messages.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if pred(*item):
-                return item
+        return wait_queue(self.messages, lambda item: pred(*item), timeout,
+                          lambda: f"no matching MQTT message; saw {self.seen}")
 
     def publish(self, topic: str, payload, retain=False):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()

@@ -38,14 +38,12 @@ from websockets.http11 import Request, Response
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2025-05-12"
+# Facts of the API itself (not of pttd's client), kept in one place.
+from .protocol import API_VERSION, MAX_FRAME_MS, MIN_FRAME_MS, U3_MODELS  # noqa: E402
+
 DEFAULT_PATH = "/v3/ws"
 #: Newest docs: a connection with only auth gets this model (§8 "Default speech_model history").
 DEFAULT_SPEECH_MODEL = "universal-3-5-pro"
-U3_MODELS = frozenset({"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro",
-                       "universal-3-6-pro"})
-MIN_FRAME_MS = 50
-MAX_FRAME_MS = 1000
 MAX_CLOSE_REASON_BYTES = 123
 LONG_REASON = "See Error message for details"
 #: Category prefix seen in the wild on 3007 texts (§2.1, pigeonai-org/ViDove#3).
