@@ -658,12 +658,18 @@ journal = false
     rel_sent.append(time.monotonic())
     request(str(sock_path), "release")
     wait_final(1)
-    # phase 2: short presses around each phase-B "utterance", scheduled on the WAV's clock
+    # phase 2: short presses around each phase-B "utterance", scheduled on the WAV's clock; each
+    # release at a random phase of the capture block (on a block edge, the ring's end would be
+    # either just updated or a whole block behind, which skews "release + post-roll")
+    import random
+
+    phase = random.Random(7)
     for k in range(presses):
         speech_at = wav_t0 + (b_start_ms + k * sum(CYCLE_B)) / 1000
         time.sleep(max(0.0, speech_at - 0.2 - time.monotonic()))
         request(str(sock_path), "press")
-        time.sleep(max(0.0, speech_at + (CYCLE_B[0] + 100) / 1000 - time.monotonic()))
+        release_at = speech_at + (CYCLE_B[0] + 100) / 1000 + phase.uniform(0, FRAME_S)
+        time.sleep(max(0.0, release_at - time.monotonic()))
         rel_sent.append(time.monotonic())
         request(str(sock_path), "release")
     wait_final(presses + 1)

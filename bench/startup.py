@@ -28,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pythonpath() -> str:
+    """$PYTHONPATH first (e.g. another copy of the package to compare), then the repository."""
+    return os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+
+
 def pttd_argv() -> list[str]:
     script = Path(sys.executable).parent / "pttd"
     if script.is_file():
@@ -71,7 +76,8 @@ def one_run(argv: list[str], cfg: Path, tmp: Path, extra_env: dict | None = None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(timeout)
-    env = dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONPATH=str(ROOT), **(extra_env or {}))
+    env = dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONPATH=_pythonpath(),
+               OPENBLAS_NUM_THREADS="1", **(extra_env or {}))   # as systemd/pttd.service sets
     try:
         t0 = time.monotonic()
         proc = subprocess.Popen(argv + ["run", "-c", str(cfg)], env=env,
@@ -150,7 +156,7 @@ print(f"  total {rss() - base_rss:.1f} MB RSS over the bare interpreter, {len(sy
 
 def import_costs(order: list[str], title: str) -> None:
     print(f"\n{title} (incremental, one fresh interpreter, this order):")
-    subprocess.run([sys.executable, "-c", _COST, *order], env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    subprocess.run([sys.executable, "-c", _COST, *order], env=dict(os.environ, PYTHONPATH=_pythonpath()))
 
 
 def main() -> None:
