@@ -325,7 +325,8 @@ def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: st
         session = Session(url_q, Secret(KEY), on_event=on_event, sample_rate=RATE,
                           format_turns=True, on_sent=on_sent)
         session_id[0] = session.connect(timeout=10).id
-        send, force_endpoint = session.send_audio, session.force_endpoint
+        # the daemon's own path: each press's streamer sends on its thread, no hand-off
+        send, force_endpoint = session.send_audio_now, session.force_endpoint_now
         finish = lambda: session.terminate(timeout=5)  # noqa: E731
 
     pace(n_frames, wav, send, deadlines)

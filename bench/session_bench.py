@@ -48,7 +48,7 @@ def main() -> None:
             if i >= n_frames:
                 break
             deadlines.append(deadline)
-            session.send_audio(frame)
+            session.send_audio_now(frame)  # as the daemon's streamer does: no hand-off
         wait_until = time.monotonic() + 2
         while len(sent_at) < n_frames and time.monotonic() < wait_until:
             time.sleep(0.01)

@@ -150,6 +150,69 @@ def test_bounded_queue_refuses_instead_of_growing(fake_v3):
     s.close()
 
 
+# --- sending on the caller's thread (what a press's streamer does) ---------------------------------
+
+def test_send_now_is_ordered_and_force_endpoint_follows_the_last_frame(fake_v3):
+    srv = fake_v3(script=["sent from the caller"], api_keys={KEY})
+    rec = Recorder()
+    s = open_session(srv, rec)
+    s.connect(timeout=5)
+    chunks = frames(quiet(200), speech(1000), quiet(300))
+    t0 = time.monotonic()
+    for i, chunk in enumerate(chunks):
+        delay = t0 + i * 0.05 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # pacing a real-time stream, not waiting for a result
+        assert s.send_audio_now(chunk)
+    assert s.force_endpoint_now()
+    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    assert [f.turn.transcript for f in finals_of(events)] == ["Sent from the caller."]
+    assert s.frames_sent == len(chunks) and s.audio_bytes_sent == sum(map(len, chunks))
+    s.terminate(timeout=5)
+    got = srv.sessions[0].received
+    kinds = [r.kind for r in got]
+    fe_at = next(i for i, r in enumerate(got)
+                 if r.kind == "text" and r.data.get("type") == "ForceEndpoint")
+    assert kinds[:fe_at] == ["binary"] * len(chunks)
+    assert b"".join(r.data for r in got[:fe_at]) == b"".join(chunks)
+
+
+def test_send_now_rejects_bad_frames_and_refuses_before_begin(fake_v3):
+    srv = fake_v3(api_keys={KEY})
+    s = open_session(srv, Recorder())
+    assert not s.send_audio_now(b"\0" * 1600) and not s.force_endpoint_now()  # not open yet
+    s.connect(timeout=5)
+    try:
+        with pytest.raises(ValueError):
+            s.send_audio_now(b"\0" * 1598)
+        assert s.send_audio_now(b"\0" * 1600)
+    finally:
+        s.terminate(timeout=5)
+    assert not s.send_audio_now(b"\0" * 1600)  # closed
+
+
+def test_send_now_on_a_dropped_link_returns_false_and_the_close_is_reported_once(fake_v3):
+    srv = fake_v3(script=["dropped"], api_keys={KEY}, faults=Faults(drop_after_frames=5))
+    rec = Recorder()
+    s = open_session(srv, rec, send_timeout=2.0)
+    s.connect(timeout=5)
+    results = []
+    deadline = time.monotonic() + 10
+    for chunk in frames(speech(10_000)):  # keeps sending until the failure shows
+        if time.monotonic() > deadline:
+            break
+        ok = s.send_audio_now(chunk)
+        results.append(ok)
+        if not ok:
+            break
+        time.sleep(0.05)  # pacing a real-time stream
+    assert results and results[-1] is False
+    events = rec.drain(lambda e: isinstance(e, SessionClosed), timeout=10)
+    closed = [e for e in events if isinstance(e, SessionClosed)]
+    assert len(closed) == 1 and closed[0].policy.kind == "transport"
+    s.close()
+
+
 # --- connect failures and close codes ---------------------------------------------------------------
 
 def expect_connect_error(srv, rec=None, **kw):

@@ -515,15 +515,21 @@ class Controller:
 
     # --- deadlines -----------------------------------------------------------------------------------
 
-    def _next_deadline(self) -> float:
+    def _next_deadline(self) -> float | None:
+        """How long the loop may sleep; None (until the next item) when nothing is in flight.
+
+        A press in flight is checked at least once a second (its audio may need copying out of
+        the ring, see ``_keep_waiting_audio``); an idle daemon has no timed work, so it does not
+        wake at all (24/7 on a small board, every wake-up costs).
+        """
+        if self._stopping is not None:
+            return 0.05
         times = [p.retry_at for p in self._presses if p.retry_at is not None and not p.done]
         times += [p.final_deadline for p in self._presses if p.final_deadline and not p.done]
         if self._warm_until is not None:
             times.append(self._warm_until)
-        if self._stopping is not None:
-            return 0.05
         if not times:
-            return 1.0
+            return 1.0 if any(not p.done for p in self._presses) else None
         return max(0.0, min(min(times) - self._clock(), 1.0))
 
     def _check_deadlines(self) -> None:

@@ -133,7 +133,9 @@ ServerMessage = Union[Begin, Turn, SpeechStarted, Termination, ErrorMessage, War
 def parse_message(text: str | bytes) -> ServerMessage:
     """Parse one server text frame. Raises :class:`ProtocolError` only for non-JSON/non-objects."""
     try:
-        obj = json.loads(text)
+        # strict UTF-8 (json.loads would guess UTF-16/32 from bytes); the frame is not checked
+        # before this (session.py skips websocket-client's slow pure-Python check)
+        obj = json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"server sent invalid JSON: {exc}") from None
     if not isinstance(obj, dict):

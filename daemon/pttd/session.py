@@ -2,9 +2,15 @@
 
 The owner (the controller) never blocks on the network: ``start()`` returns at once, the
 receiver thread connects, waits for ``Begin`` and reports everything through ``on_event``
-(which must only enqueue). Audio and control messages go through one bounded FIFO, so a
-``ForceEndpoint`` can never overtake the audio queued before it. Every session ends with
-exactly one :class:`SessionClosed`, after any final it still held.
+(which must only enqueue). Two ways to send, never mixed for audio within one session:
+
+* queued (``send_audio``, ``force_endpoint``, ...): one bounded FIFO drained by the sender
+  thread, so a ``ForceEndpoint`` can never overtake the audio queued before it;
+* on the caller's thread (``send_audio_now``, ``force_endpoint_now``): for a press's streamer,
+  which already runs on a thread of its own. Each frame then costs one thread wake-up from ring
+  to wire instead of two, and the order is the caller's own.
+
+Every session ends with exactly one :class:`SessionClosed`, after any final it still held.
 """
 from __future__ import annotations
 
@@ -137,10 +143,7 @@ class Session:
 
         Raises ValueError for frames outside the server's 50-1000 ms rule (a 3007 otherwise).
         """
-        ms = protocol.frame_ms(len(pcm), self.sample_rate)
-        if len(pcm) % 2 or not protocol.MIN_FRAME_MS <= ms <= protocol.MAX_FRAME_MS:
-            raise ValueError(f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
-                             f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le")
+        self._check_frame(pcm)
         with self._out_cond:
             if self._out_bytes + len(pcm) > self._max_queued_bytes:
                 return False
@@ -149,8 +152,21 @@ class Session:
             self._out_cond.notify()
         return True
 
+    def send_audio_now(self, pcm: bytes) -> bool:
+        """Send one frame on the caller's thread; blocks at most ``send_timeout``.
+
+        False when the session is not open or the link just failed: the receiver then reports
+        the close as usual, so the caller only has to stop. Raises ValueError like ``send_audio``.
+        """
+        self._check_frame(pcm)
+        return self._send_now(_OP_BINARY, pcm)
+
     def force_endpoint(self) -> None:
         self._queue_text(protocol.FORCE_ENDPOINT)
+
+    def force_endpoint_now(self) -> bool:
+        """ForceEndpoint on the caller's thread, after the audio it sent itself (see above)."""
+        return self._send_now(_OP_TEXT, protocol.FORCE_ENDPOINT)
 
     def keep_alive(self) -> None:
         self._queue_text(protocol.KEEP_ALIVE)
@@ -208,6 +224,36 @@ class Session:
             self._out.append((_OP_TEXT, text))
             self._out_cond.notify()
 
+    def _check_frame(self, pcm: bytes) -> None:
+        ms = protocol.frame_ms(len(pcm), self.sample_rate)
+        if len(pcm) % 2 or not protocol.MIN_FRAME_MS <= ms <= protocol.MAX_FRAME_MS:
+            raise ValueError(f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
+                             f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le")
+
+    def _send_now(self, opcode: int, payload: bytes | str) -> bool:
+        if not self._begun.is_set() or self._stopping.is_set():
+            return False
+        try:
+            self._transmit(opcode, payload)
+        except (OSError, websocket.WebSocketException) as exc:
+            self._send_failed(exc)
+            return False
+        return True
+
+    def _transmit(self, opcode: int, payload: bytes | str) -> None:
+        """The one place a frame goes on the wire (websocket-client locks each send)."""
+        self._ws.send(payload, opcode)
+        if opcode == _OP_BINARY:
+            self.frames_sent += 1
+            self.audio_bytes_sent += len(payload)
+        if self._on_sent:
+            self._on_sent(opcode, len(payload))
+
+    def _send_failed(self, exc: Exception) -> None:
+        if not self._stopping.is_set():
+            log.info("%s: send failed: %s", self.name, self._scrub(str(exc)))
+            self._shutdown_socket()  # the receiver sees the dead link and reports it
+
     def _send_main(self) -> None:
         try:
             while True:
@@ -219,18 +265,11 @@ class Session:
                     batch = list(self._out)
                     self._out.clear()
                 for opcode, payload in batch:
-                    self._ws.send(payload, opcode)
-                    if opcode == _OP_BINARY:
-                        self.frames_sent += 1
-                        self.audio_bytes_sent += len(payload)
-                    if self._on_sent:
-                        self._on_sent(opcode, len(payload))
+                    self._transmit(opcode, payload)
                 with self._out_cond:
                     self._out_bytes -= sum(len(p) for op, p in batch if op == _OP_BINARY)
         except (OSError, websocket.WebSocketException) as exc:
-            if not self._stopping.is_set():
-                log.info("%s: send failed: %s", self.name, self._scrub(str(exc)))
-                self._shutdown_socket()  # the receiver sees the dead link and reports it
+            self._send_failed(exc)
 
     # --- receiving ------------------------------------------------------------------------------
 
@@ -267,7 +306,10 @@ class Session:
         try:
             ws = websocket.create_connection(
                 self.url, header=headers, timeout=self._connect_timeout, enable_multithread=True,
-                sslopt={"cert_reqs": ssl.CERT_REQUIRED})
+                sslopt={"cert_reqs": ssl.CERT_REQUIRED},
+                # websocket-client checks UTF-8 in pure Python (~0.2 ms per 1 KB Turn here, on
+                # the Turn -> final path); parse_message decodes strictly in C instead
+                skip_utf8_validation=True)
         except websocket.WebSocketBadStatusException as exc:
             raise _Refused(_http_code(exc.status_code), f"HTTP {exc.status_code} at upgrade") from None
         except (OSError, websocket.WebSocketException) as exc:

@@ -1,7 +1,10 @@
 """Streams one press's audio from the ring buffer into a session, then sends ForceEndpoint.
 
 A thread of its own so that neither the capture thread nor the controller ever waits on the
-network. It reads whole ``chunk`` frames from an absolute ring position: a backlog (pre-roll,
+network; it is the press's sender: it puts each frame on the wire itself
+(``Session.send_audio_now``), so a frame costs one wake-up from ring to wire, and its
+ForceEndpoint goes out on the same thread after its last frame, so it can never overtake
+the audio. It reads whole ``chunk`` frames from an absolute ring position: a backlog (pre-roll,
 audio captured while connecting) goes out at once but never more than ``max_lead_s`` ahead of
 real time, which keeps the server's "Audio Transmission Rate Exceeded" (3007) out of reach;
 then it follows the live audio. The end position, once known, is a whole number of chunks from
@@ -24,12 +27,12 @@ MAX_LEAD_S = 2.0
 
 @dataclass(frozen=True)
 class StreamDone:
-    """Posted to the controller when the last frame and ForceEndpoint are queued."""
+    """Posted to the controller when the last frame and ForceEndpoint are sent."""
 
     streamer: "Streamer"
     samples_sent: int
     lost_samples: int
-    force_endpoint_at: float   # monotonic time the ForceEndpoint was queued
+    force_endpoint_at: float   # monotonic time the ForceEndpoint was sent
 
 
 @dataclass(frozen=True)
@@ -94,15 +97,17 @@ class Streamer:
         while not self._stop.is_set():
             end = self._end
             if end is not None and self.cursor >= end:
-                self.session.force_endpoint()
-                self._post(StreamDone(self, self.samples_sent, self.lost_samples, time.monotonic()))
-                return
+                if self.session.force_endpoint_now():
+                    self._post(StreamDone(self, self.samples_sent, self.lost_samples,
+                                          time.monotonic()))
+                return  # else the link failed: the session reports its close
             if self.ring.end < self.cursor + self.chunk:
                 self.ring.wait_for(self.cursor + self.chunk - 1, 0.5)
                 continue
             if not self._pace():
                 continue
-            self._send_one()
+            if not self._send_one():
+                return  # the link failed: the session reports its close, the press is replayed
 
     def _pace(self) -> bool:
         """Wait while we are more than max_lead_s ahead of real time; False if interrupted."""
@@ -114,7 +119,7 @@ class Streamer:
         self._stop.wait(lead - self.max_lead_s)
         return False
 
-    def _send_one(self) -> None:
+    def _send_one(self) -> bool:
         result = self.ring.read(self.cursor, self.chunk)
         if result.lost:
             self.lost_samples += result.lost
@@ -122,10 +127,10 @@ class Streamer:
         data = result.data
         if len(data) < self.chunk * 2:  # overrun left a short frame: pad to keep the frame legal
             data = data + bytes(self.chunk * 2 - len(data))
-        while not self.session.send_audio(data):
-            if self._stop.wait(0.02):
-                return
+        if not self.session.send_audio_now(data):
+            return False
         if self._t_first is None:
             self._t_first = time.monotonic()
         self.samples_sent += self.chunk
         self.cursor = result.pos + self.chunk if result.lost else self.cursor + self.chunk
+        return True
