@@ -177,10 +177,12 @@ def test_device_vanishes_and_returns_offline_then_online(mics, sources):
     mic = mics(ramp, rate=RATE)
     src = make_source(mic, ring, sources, warmup_ms=100, highpass_hz=None,
                       on_status=status)
+    src.meter_levels(True)  # as measure_levels does: it must reach every open's converter
     src.start()
     assert src.first_audio.wait(3.0)
     t_first = time.monotonic() - ring.end / RATE
     assert ring.wait_for(6400, timeout=3.0)
+    assert src.take_levels().frames >= 6400
     mic.vanish()
     message = status.wait("offline", 3.0)
     assert message.startswith(f"mic not found: {mic.device}: ")
@@ -196,6 +198,7 @@ def test_device_vanishes_and_returns_offline_then_online(mics, sources):
     assert g0 <= end_offline < g1
     resumed = frames_of(ring.read(g1, 1600).data)
     assert np.array_equal(resumed, (second.first_frame + 1600 + np.arange(1600)) % 65536)
+    assert src.take_levels().frames >= 3200  # the reopened device's converter meters too
     assert ring.end == pytest.approx((time.monotonic() - t_first) * RATE, abs=4000)
     stats = src.stats()
     assert stats["reopens"] == 1 and stats["gaps"] == 1 and stats["state"] == "online"
@@ -229,8 +232,10 @@ def test_measure_levels_warns_about_the_silent_channel(mics, sources):
 
     mic = mics(right_only, format="S32_LE", channels=2, rate=48000)
     src = make_source(mic, ring, sources, channel=0)
+    assert src.take_levels() is None  # metering is off unless asked for
     readings = []
     report = measure_levels(src, seconds=0.6, interval=0.2, on_update=readings.append)
+    assert src.take_levels() is None  # and off again afterwards
     assert len(readings) >= 2
     assert report.channels[0].all_zeros
     assert report.channels[1].peak_dbfs == pytest.approx(-26.0, abs=0.2)

@@ -1,4 +1,5 @@
-"""Converter: channel pick, 32→16 bit, gain/clipping, DC blocking, resampling, levels.
+"""Converter: channel pick, 32→16 bit, gain/clipping, DC blocking, resampling, levels
+(metered on demand only).
 
 References are computed here from the analytic signals (not by re-running the production
 formulas): a chirp is compared sample by sample with the ideal chirp at 16 kHz, delayed by the
@@ -135,7 +136,7 @@ def test_dc_blocked_on_s32_stereo_48k_too():
 def test_levels_per_channel_and_silent_channel_warning():
     n = 4800
     frames = stereo_s32(np.zeros(n), 0.1 * FS32 * np.sin(2 * np.pi * 1000 * np.arange(n) / 48000))
-    conv = Converter("S32_LE", 2, 48000, 0, 0.0, 16000)
+    conv = Converter("S32_LE", 2, 48000, 0, 0.0, 16000, levels=True)
     conv.process(frames.tobytes())
     report = conv.take_levels()
     assert report.channels[0].all_zeros
@@ -145,6 +146,49 @@ def test_levels_per_channel_and_silent_channel_warning():
     assert "channel 0 is all zeros; try channel = 1" in level_warnings(report, 0)
     assert "ch0 all zeros" in report.line()
     assert conv.take_levels().frames == 0  # take() starts over
+
+
+def test_meter_is_off_by_default_and_never_changes_what_is_sent():
+    """Off: no meter, no readings. On: the same bytes and clip count, plus correct levels."""
+    n = 48000
+    rng = np.random.default_rng(4)
+    frames = stereo_s32(rng.normal(0, 0.01 * FS32, n),
+                        0.5 * FS32 * np.sin(2 * np.pi * 440 * np.arange(n) / 48000))
+    raw = frames.tobytes()
+    quiet = Converter("S32_LE", 2, 48000, 1, 12.0, 16000)
+    metered = Converter("S32_LE", 2, 48000, 1, 12.0, 16000)
+    metered.meter_levels(True)
+    sent = [(quiet.process(raw[i:i + 38400]), metered.process(raw[i:i + 38400]))
+            for i in range(0, len(raw), 38400)]
+    assert all(a == b for a, b in sent)
+    assert quiet.clipped_samples == metered.clipped_samples > 0
+    assert quiet.take_levels() is None
+    report = metered.take_levels()
+    assert report.frames == n and report.clipped == metered.clipped_samples
+    assert report.channels[1].peak_dbfs == pytest.approx(-6.02, abs=0.05)
+    assert report.channels[0].rms_dbfs == pytest.approx(-40.0, abs=0.2)
+    assert report.out_peak_dbfs == pytest.approx(0.0, abs=0.01)  # +12 dB on -6 dBFS: clipped
+    metered.meter_levels(False)
+    metered.process(raw[:38400])
+    assert metered.take_levels() is None
+
+
+def test_identity_path_meters_on_demand_and_still_sends_the_bytes_unchanged():
+    n = 1600
+    tone = np.rint(8192 * np.sin(2 * np.pi * 1000 * np.arange(n) / 16000)).astype("<i2")
+    data = tone.tobytes()
+    conv = Converter("S16_LE", 1, 16000, 0, 0.0, 16000, highpass_hz=None)
+    assert conv.identity
+    assert conv.process(data) == data and conv.take_levels() is None
+    conv.meter_levels(True)
+    assert conv.take_levels().frames == 0  # a fresh meter: what went before is not counted
+    assert conv.process(data[:1001]) + conv.process(data[1001:]) == data
+    report = conv.take_levels()
+    assert report.frames == n and report.clipped == 0
+    assert report.channels[0].peak_dbfs == pytest.approx(-12.04, abs=0.01)
+    assert report.channels[0].rms_dbfs == pytest.approx(-15.05, abs=0.01)
+    assert report.out_peak_dbfs == report.channels[0].peak_dbfs
+    assert report.out_rms_dbfs == pytest.approx(report.channels[0].rms_dbfs, abs=1e-6)
 
 
 def test_stereo_wav_style_mix_averages_channels():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alsa_fifo import pcm16, sine_fit
-from pttd.audio import AudioError, RingBuffer, WavSource, record
+from pttd.audio import AudioError, RingBuffer, WavSource, measure_levels, record
 
 
 def write_wav(path, frames: np.ndarray, rate: int, width: int = 2):
@@ -94,6 +94,23 @@ def test_stereo_44k_wav_is_mixed_and_resampled(tmp_path, ring, stop_after):
     amp, snr = sine_fit(y, 1000, 16000)
     assert amp == pytest.approx(4000, rel=0.005)  # the average of the two channels
     assert snr > 60
+
+
+def test_levels_are_metered_only_while_measure_levels_runs(tmp_path, ring):
+    """``pttd check`` on a 16 kHz mono WAV: exact levels, and the file's bytes still sent."""
+    tone = np.rint(16384 * np.sin(2 * np.pi * 500 * np.arange(16000) / 16000)).astype("<i2")
+    src = WavSource(write_wav(tmp_path / "t.wav", tone, 16000), ring, 16000, chunk_ms=50)
+    assert src.take_levels() is None
+    readings = []
+    report = measure_levels(src, seconds=0.5, interval=0.1, on_update=readings.append)
+    assert readings and report.frames == sum(r.frames for r in readings) >= 4800
+    assert report.channels[0].peak_dbfs == pytest.approx(-6.02, abs=0.01)
+    assert report.channels[0].rms_dbfs == pytest.approx(-9.03, abs=0.01)
+    assert report.out_peak_dbfs == report.channels[0].peak_dbfs
+    assert report.warnings == []
+    assert src.take_levels() is None
+    assert 8000 <= ring.end < 16000
+    assert ring.read(0, ring.end).data == tone.tobytes()[:2 * ring.end]
 
 
 def test_stop_is_prompt_and_first_audio_set(tmp_path, ring):

@@ -2,12 +2,15 @@
 
 Both run one dedicated thread that never touches the network: read → convert → ``ring.append``.
 Both expose the same small surface the daemon wires up: ``start()``, ``stop()``,
-``first_audio`` (READY=1), ``progress`` (systemd watchdog), ``stats()`` and ``take_levels()``.
-``record`` and ``measure_levels`` serve ``pttd record`` and ``pttd check``.
+``first_audio`` (READY=1), ``progress`` (systemd watchdog) and ``stats()``. ``record`` and
+``measure_levels`` serve ``pttd record`` and ``pttd check``; the latter alone switches the level
+meter on (``meter_levels``, ``take_levels``). Nothing here imports numpy: a converter does, and
+only when it has real work (see convert.py).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -15,8 +18,6 @@ import time
 import wave
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from .convert import AudioError, ChannelLevel, Converter, LevelReport
 from .ring import ReadResult, RingBuffer
@@ -43,6 +44,8 @@ class _Source:
         self._thread: threading.Thread | None = None
         self._conv: Converter | None = None
         self._clipped_before = 0
+        self._metering = False
+        self._conv_lock = threading.Lock()  # the meter switch vs. a converter swap on reopen
 
     def start(self) -> None:
         if self._thread is not None:
@@ -86,13 +89,30 @@ class _Source:
             self.first_audio.set()
         self.progress += 1
 
+    def _use_converter(self, conv: Converter) -> Converter:
+        """Make ``conv`` the current converter, keeping the meter switch and the clip count."""
+        with self._conv_lock:
+            conv.meter_levels(self._metering)
+            if self._conv is not None:
+                self._clipped_before += self._conv.clipped_samples
+            self._conv = conv
+        return conv
+
     @property
     def clipped(self) -> int:
         conv = self._conv
         return self._clipped_before + (conv.clipped_samples if conv is not None else 0)
 
+    def meter_levels(self, on: bool) -> None:
+        """Level metering on or off, for this and every later converter (off by default: it
+        costs most of a block's conversion and only ``pttd check`` reads it). Any thread."""
+        with self._conv_lock:
+            self._metering = on
+            if self._conv is not None:
+                self._conv.meter_levels(on)
+
     def take_levels(self) -> LevelReport | None:
-        """Levels since the last call (None before the first block); for ``pttd check``."""
+        """Levels since the last call; None while metering is off."""
         conv = self._conv
         return conv.take_levels() if conv is not None else None
 
@@ -118,8 +138,8 @@ class WavSource(_Source):
         self.chunk_s = chunk_ms / 1000.0
         self._wav, self.wav_channels, self.wav_rate, self.wav_frames = _open_wav(self.path)
         try:
-            self._conv = Converter("S16_LE", self.wav_channels, self.wav_rate, channel=-1,
-                                   out_rate=sample_rate, highpass_hz=None)
+            self._use_converter(Converter("S16_LE", self.wav_channels, self.wav_rate, channel=-1,
+                                          out_rate=sample_rate, highpass_hz=None))
         except ValueError as exc:
             self._wav.close()
             raise AudioError(f"{self.path}: {exc}; resample it first, e.g. "
@@ -263,10 +283,7 @@ class AlsaSource(_Source):
                              self.channel, self.gain_db, self.sample_rate, self.highpass_hz)
         except ValueError as exc:
             raise AudioError(f"audio settings: {exc}") from None
-        if self._conv is not None:
-            self._clipped_before += self._conv.clipped_samples
-        self._conv = conv
-        return conv
+        return self._use_converter(conv)
 
     # --- thread ----------------------------------------------------------------------------
 
@@ -601,9 +618,11 @@ def measure_levels(source: _Source, seconds: float = 5.0, interval: float = 0.5,
                    start_timeout: float = 10.0) -> LevelReport:
     """Run ``source`` for ``seconds``; call ``on_update`` with a meter reading every ``interval``.
 
-    Returns the levels over the whole run with ``warnings`` filled in. Starts and stops the
-    source; raises AudioError when no audio arrives within ``start_timeout``.
+    Returns the levels over the whole run with ``warnings`` filled in. The level meter is on
+    only while this runs. Starts and stops the source; raises AudioError when no audio arrives
+    within ``start_timeout``.
     """
+    source.meter_levels(True)
     if not source.running:
         source.start()
     try:
@@ -621,6 +640,7 @@ def measure_levels(source: _Source, seconds: float = 5.0, interval: float = 0.5,
                 break
     finally:
         source.stop()
+        source.meter_levels(False)
     total = _combine(readings)
     total.warnings = level_warnings(total, getattr(source, "channel", 0))
     return total
@@ -646,8 +666,7 @@ def _combine_channel(levels: list[ChannelLevel], weights: list[int]) -> ChannelL
 
 
 def _power_mean(levels_db: list[float], weights: list[int]) -> float:
-    p = np.array([10 ** (d / 10) if d != float("-inf") else 0.0 for d in levels_db])
-    w = np.array(weights, dtype=float)
-    mean = float((p * w).sum() / max(1.0, w.sum()))
-    return 10 * np.log10(mean) if mean > 0 else float("-inf")
+    power = sum(w * 10 ** (d / 10) for d, w in zip(levels_db, weights) if d != float("-inf"))
+    mean = power / max(1, sum(weights))
+    return 10 * math.log10(mean) if mean > 0 else float("-inf")
 

@@ -1,32 +1,31 @@
 """Capture-format conversion: whatever the mic gives → PCM16 mono at the server's rate.
 
-The chain, per block, all vectorised numpy (no per-sample Python, no scipy at run time):
-
-    raw bytes → int frames → level stats → pick channel → float32 in 16-bit units
-    → polyphase FIR resampler → DC-blocking high-pass → gain → round, clip (counted) → int16
-
-Working in float keeps the bits an I2S MEMS mic puts below bit 16 of its 32-bit word (18–24 bits
-of signal, left-justified): ``x / 65536`` is the same *level* as ``x >> 16`` but keeps the
-fraction, so a quiet mic boosted by ``gain_db`` gets real signal rather than amplified
-truncation noise. float32 holds 24 significant bits, exactly what the mic delivers.
+``Converter`` keeps the frame carry, the clip count and the level-meter switch; the numpy work
+(resampler, high-pass, gain, levels) lives in ``dsp`` and is imported only when a converter
+needs it. The identity case (S16 mono at the send rate, 0 dB, no high-pass: WAV files, USB mics
+at 16 kHz) returns its input without numpy. The level meter costs ~70 % of a converted block
+and only ``pttd check`` reads it, so it is off until ``meter_levels(True)``.
 """
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-import numpy as np
-from numpy.lib.stride_tricks import as_strided
-
-FORMATS = {"S16_LE": np.dtype("<i2"), "S32_LE": np.dtype("<i4")}
+FORMATS = {"S16_LE": "<i2", "S32_LE": "<i4"}  # numpy dtype strings
+SAMPLE_BYTES = {"S16_LE": 2, "S32_LE": 4}
 FULL_SCALE = {"S16_LE": 32768.0, "S32_LE": 2147483648.0}
-MAX_PHASES = 1000  # L or M above this would need a huge filter bank: resample with sox first
 
-# Resampler design targets (see _design_filter): pass 0 … 0.875·f_nyq, stop ≥ f_nyq at 65 dB.
-PASS_FRACTION = 0.875
-STOP_ATTEN_DB = 65.0
+# Served from ``dsp`` on first access (PEP 562), so importing this module loads no numpy.
+_DSP_NAMES = frozenset({"FilterBank", "HighPass", "LevelMeter", "MAX_PHASES", "Resampler",
+                        "design_filter_bank"})
+
+
+def __getattr__(name: str):
+    if name in _DSP_NAMES:
+        from . import dsp
+
+        return getattr(dsp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class AudioError(Exception):
@@ -36,144 +35,6 @@ class AudioError(Exception):
 def dbfs(value: float, full_scale: float = 32768.0) -> float:
     """Level in dB relative to full scale; -inf for exact silence."""
     return 20.0 * math.log10(value / full_scale) if value > 0 else float("-inf")
-
-
-# --- resampling ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FilterBank:
-    """A polyphase filter bank for out/in = L/M, as one dense matrix.
-
-    Every M input samples ("a super-period") produce L output samples. ``matrix`` (S × L) maps
-    the S input samples that a super-period's outputs depend on to those L outputs, so a whole
-    block is one ``np.dot`` of a strided (Q × S) view of the input with it: BLAS does the
-    multiply-adds and Python runs once per block, not per sample or per phase.
-    """
-
-    up: int
-    down: int
-    taps_per_phase: int
-    span: int
-    matrix: np.ndarray
-    prototype_taps: int
-
-
-@lru_cache(maxsize=16)
-def design_filter_bank(in_rate: int, out_rate: int) -> FilterBank:
-    """Windowed-sinc (Kaiser) low-pass, split into polyphase rows; cached per rate pair.
-
-    Why this filter: pass band to 0.875 × the lower Nyquist (7 kHz for 16 kHz output), stop band
-    from the lower Nyquist itself (8 kHz) at ≥ 65 dB, so nothing above 8 kHz can alias into the
-    output, not even into the 7–8 kHz edge (cheaper designs start the stop band above 8 kHz and
-    let the transition band alias). Kaiser's estimate N ≈ (A − 8) / (2.285·Δω) gives 191 taps at
-    48 kHz (Δf = 1 kHz, A = 65 dB): ~3 M multiply-adds per second of audio, ~60 µs of numpy
-    per 100 ms block on x86. 44.1 kHz → 16 kHz (L/M = 160/441) needs ~175 taps per phase.
-    A windowed sinc is designed in a few lines of numpy (no scipy import: 0.7 s, 86 MB);
-    Kaiser's β trades ripple for width in closed form, and 65 dB leaves margin over 60.
-    """
-    g = math.gcd(in_rate, out_rate)
-    up, down = out_rate // g, in_rate // g
-    if up > MAX_PHASES or down > MAX_PHASES:
-        raise ValueError(f"cannot convert {in_rate} Hz to {out_rate} Hz "
-                         f"(ratio {up}/{down} is too fine)")
-    fs_up = float(in_rate * up)  # the rate of the zero-stuffed signal the prototype runs at
-    f_stop = min(in_rate, out_rate) / 2.0
-    f_pass = PASS_FRACTION * f_stop
-    width = 2.0 * math.pi * (f_stop - f_pass) / fs_up
-    beta = 0.1102 * (STOP_ATTEN_DB - 8.7)
-    n_est = int(math.ceil((STOP_ATTEN_DB - 8.0) / (2.285 * width))) + 1
-    taps = -(-n_est // up)  # taps per phase
-    n = taps * up
-    fc = (f_pass + f_stop) / 2.0 / fs_up
-    t = np.arange(n) - (n - 1) / 2.0
-    proto = 2.0 * fc * np.sinc(2.0 * fc * t) * np.kaiser(n, beta)
-    proto *= up / proto.sum()  # unity gain after zero-stuffing by `up`
-    return _polyphase_matrix(proto, up, down, taps)
-
-
-def _polyphase_matrix(proto: np.ndarray, up: int, down: int, taps: int) -> FilterBank:
-    """Place each output's phase taps at its offset inside the super-period's input span.
-
-    Output r of a super-period (r = 0 … L−1) reads input offset ⌊rM/L⌋ and back, with the taps
-    of phase (rM mod L): h[phase + t·L], t = 0 … taps−1.
-    """
-    r = np.arange(up)
-    offset = (r * down) // up
-    phase = (r * down) % up
-    span = int(offset[-1]) + taps
-    t = np.arange(taps)
-    matrix = np.zeros((span, up), dtype=np.float32)
-    rows = offset[:, None] - t[None, :] + taps - 1  # input index inside the span
-    matrix[rows, r[:, None]] = proto[phase[:, None] + t[None, :] * up]
-    return FilterBank(up, down, taps, span, matrix, len(proto))
-
-
-class Resampler:
-    """Streaming rational resampler; keeps the input history between calls."""
-
-    def __init__(self, in_rate: int, out_rate: int):
-        self.bank = design_filter_bank(int(in_rate), int(out_rate))
-        self._hist = np.zeros(self.bank.taps_per_phase - 1, dtype=np.float32)
-        self._vector = self.bank.matrix[:, 0].copy() if self.bank.up == 1 else None
-
-    @property
-    def delay_in(self) -> float:
-        """Group delay in input samples (the filter is linear-phase)."""
-        return (self.bank.prototype_taps - 1) / 2.0 / self.bank.up
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        b = self.bank
-        buf = np.concatenate((self._hist, x.astype(np.float32, copy=False)))
-        q = (len(buf) - b.span) // b.down + 1 if len(buf) >= b.span else 0
-        if q <= 0:
-            self._hist = buf
-            return np.zeros(0, dtype=np.float32)
-        step = buf.strides[0]
-        view = as_strided(buf, shape=(q, b.span), strides=(b.down * step, step), writeable=False)
-        out = np.dot(view, self._vector) if self._vector is not None else np.dot(view, b.matrix)
-        self._hist = buf[q * b.down:].copy()
-        return out.reshape(-1)
-
-
-# --- DC blocking -------------------------------------------------------------------------------
-
-class HighPass:
-    """First-order DC-blocking high-pass, y[n] = a·y[n−1] + g·(x[n] − x[n−1]).
-
-    A one-pole IIR is the classic DC blocker: exact zero at DC, −3 dB near ``cutoff_hz``, no
-    ripple, one multiply per sample. A recursion has no direct numpy primitive (and
-    ``np.frompyfunc(...).accumulate`` is a Python call per sample), so each chunk uses the
-    recursion's closed form y[k] = aᵏ⁺¹·(y₋₁ + Σⱼ≤ₖ g·d[j]·a⁻ʲ⁻¹), i.e. one ``cumsum``.
-    a⁻ᵏ grows quickly, so chunks are capped at 1024 samples (a⁻¹⁰²⁴ ≤ e⁶⁵ at 80 Hz / 8 kHz) and
-    computed in float64, which keeps the result exact to ~1e-13 of full scale.
-    """
-
-    CHUNK = 1024
-
-    def __init__(self, cutoff_hz: float, sample_rate: int):
-        self.a = math.exp(-2.0 * math.pi * cutoff_hz / sample_rate)
-        self.g = (1.0 + self.a) / 2.0
-        k = np.arange(1, self.CHUNK + 1, dtype=np.float64)
-        self._pow = self.a ** k
-        self._inv = self.g / self._pow
-        self._x_prev = 0.0
-        self._y_prev = 0.0
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty(len(x), dtype=np.float64)
-        for s in range(0, len(x), self.CHUNK):
-            out[s:s + self.CHUNK] = self._chunk(x[s:s + self.CHUNK])
-        return out
-
-    def _chunk(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        x = x.astype(np.float64)
-        d = np.empty(n, dtype=np.float64)
-        d[0] = x[0] - self._x_prev
-        np.subtract(x[1:], x[:-1], out=d[1:])
-        y = self._pow[:n] * (self._y_prev + np.cumsum(d * self._inv[:n]))
-        self._x_prev, self._y_prev = float(x[-1]), float(y[-1])
-        return y
 
 
 # --- levels ------------------------------------------------------------------------------------
@@ -221,76 +82,6 @@ def _bar(level_dbfs: float, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-class LevelMeter:
-    """Accumulates peak/RMS/DC per input channel and of the output until ``take()``.
-
-    The capture thread adds; ``pttd check`` takes from another thread, hence the lock.
-    """
-
-    def __init__(self, channels: int, full_scale: float):
-        self.channels = channels
-        self.full_scale = full_scale
-        self._lock = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._peak = np.zeros(self.channels)
-        self._sumsq = np.zeros(self.channels)
-        self._sum = np.zeros(self.channels)
-        self._frames = 0
-        self._out_peak = 0.0
-        self._out_sumsq = 0.0
-        self._out_n = 0
-        self._clipped = 0
-
-    def add_input(self, frames: np.ndarray) -> None:
-        """``frames``: float32 (channels × n, C order) in the capture format's integer units.
-
-        Channel-major so every reduction runs over contiguous memory (~20 µs per 100 ms of
-        stereo 48 kHz; the frame-major layout took 15× longer).
-        """
-        if not frames.shape[1]:
-            return
-        peak = np.maximum(frames.max(axis=1), -frames.min(axis=1))
-        sumsq = np.einsum("ij,ij->i", frames, frames)
-        total = frames.sum(axis=1)
-        with self._lock:
-            np.maximum(self._peak, peak, out=self._peak)
-            self._sumsq += sumsq
-            self._sum += total
-            self._frames += frames.shape[1]
-
-    def add_output(self, y: np.ndarray, clipped: int) -> None:
-        """``y``: the int16 output samples."""
-        peak = sumsq = 0.0
-        if len(y):
-            yf = y.astype(np.float32)
-            peak, sumsq = float(np.abs(yf).max()), float(np.dot(yf, yf))
-        with self._lock:
-            self._out_peak = max(self._out_peak, peak)
-            self._out_sumsq += sumsq
-            self._out_n += len(y)
-            self._clipped += clipped
-
-    def take(self) -> LevelReport:
-        """The levels since the last call, then start over."""
-        with self._lock:
-            report = self._report()
-            self._reset()
-        return report
-
-    def _report(self) -> LevelReport:
-        n = max(1, self._frames)
-        fs = self.full_scale
-        chans = [ChannelLevel(dbfs(float(self._peak[c]), fs),
-                              dbfs(math.sqrt(self._sumsq[c] / n), fs),
-                              dbfs(abs(float(self._sum[c])) / n, fs))
-                 for c in range(self.channels)]
-        out_rms = math.sqrt(self._out_sumsq / self._out_n) if self._out_n else 0.0
-        return LevelReport(chans, dbfs(self._out_peak), dbfs(out_rms), self._clipped,
-                           self._frames)
-
-
 # --- the converter -------------------------------------------------------------------------------
 
 class Converter:
@@ -300,47 +91,59 @@ class Converter:
     ``highpass_hz`` (default 80; None or 0 = off) removes DC and rumble: on for microphones
     (I2S MEMS and many USB mics have a DC offset), off for WAV input. With S16 mono at
     ``out_rate``, 0 dB gain and no high-pass, ``process`` returns its input unchanged
-    (``identity``): a WAV source then delivers exactly the file's samples.
+    (``identity``): a WAV source then delivers exactly the file's samples, without numpy.
+    ``levels=True`` starts with the level meter on (see ``meter_levels``).
     """
 
     def __init__(self, in_format: str = "S16_LE", in_channels: int = 1, in_rate: int = 16000,
                  channel: int = 0, gain_db: float = 0.0, out_rate: int = 16000,
-                 highpass_hz: float | None = 80.0):
+                 highpass_hz: float | None = 80.0, levels: bool = False):
         _check_params(in_format, in_channels, in_rate, channel, out_rate)
         self.in_format = in_format
         self.in_channels = in_channels
         self.channel = channel
-        self._dtype = FORMATS[in_format]
-        self.frame_bytes = self._dtype.itemsize * in_channels
-        # Scale to 16-bit units in float: keeps the bits below bit 16 (see module docstring).
-        self._scale = 1.0 / 65536.0 if in_format == "S32_LE" else 1.0
+        self.frame_bytes = SAMPLE_BYTES[in_format] * in_channels
         self.gain = 10.0 ** (gain_db / 20.0)
-        self._resampler = Resampler(in_rate, out_rate) if in_rate != out_rate else None
-        self._highpass = HighPass(highpass_hz, out_rate) if highpass_hz else None
         self.identity = (in_format == "S16_LE" and in_channels == 1 and in_rate == out_rate
-                         and gain_db == 0.0 and self._highpass is None)
-        self.levels = LevelMeter(in_channels, FULL_SCALE[in_format])
+                         and gain_db == 0.0 and not highpass_hz)
+        self._chain = None
+        if not self.identity:
+            from .dsp import Chain
+
+            self._chain = Chain(in_format, in_channels, in_rate, channel, self.gain, out_rate,
+                                highpass_hz)
+        self._meter = None  # a dsp.LevelMeter while metering; set from another thread
         self.clipped_samples = 0
         self._carry = b""
+        self.meter_levels(levels)
+
+    def meter_levels(self, on: bool) -> None:
+        """Switch the level meter on (a fresh one, unless already on) or off.
+
+        Safe from any thread: ``process`` reads ``_meter`` once per block, so a block is
+        metered whole or not at all, and a block in flight when it goes off only feeds a meter
+        nobody reads any more.
+        """
+        if not on:
+            self._meter = None
+        elif self._meter is None:
+            from .dsp import LevelMeter
+
+            self._meter = LevelMeter(self.in_channels, FULL_SCALE[self.in_format])
 
     def process(self, raw: bytes) -> bytes:
         """Convert one block (any length; a trailing partial frame waits for the next call)."""
         raw = self._whole_frames(raw)
         if not raw:
             return b""
-        ints = np.frombuffer(raw, dtype=self._dtype).reshape(-1, self.in_channels)
-        frames = ints.T.astype(np.float32, order="C")  # channels × n
-        self.levels.add_input(frames)
-        if self.identity:
-            self.levels.add_output(ints[:, 0], 0)
+        meter = self._meter
+        if self._chain is None:
+            if meter is not None:
+                meter.add_identity(raw)
             return raw
-        x = frames.mean(axis=0) if self.channel < 0 else frames[self.channel]
-        x = x * np.float32(self._scale)
-        if self._resampler is not None:
-            x = self._resampler.process(x)
-        if self._highpass is not None:
-            x = self._highpass.process(x)
-        return self._to_pcm16(x)
+        pcm, clipped = self._chain.process(raw, meter)
+        self.clipped_samples += clipped
+        return pcm
 
     def _whole_frames(self, raw: bytes) -> bytes:
         if self._carry:
@@ -349,21 +152,10 @@ class Converter:
         self._carry = bytes(raw[cut:])
         return raw[:cut] if cut != len(raw) else raw
 
-    def _to_pcm16(self, x: np.ndarray) -> bytes:
-        """Gain, round, saturate (never wrap) and count the saturated samples."""
-        if self.gain != 1.0:
-            x = x * self.gain
-        y = np.rint(x)
-        clipped = int(np.count_nonzero((y > 32767.0) | (y < -32768.0)))
-        if clipped:
-            np.clip(y, -32768.0, 32767.0, out=y)
-            self.clipped_samples += clipped
-        out = y.astype("<i2")
-        self.levels.add_output(out, clipped)
-        return out.tobytes()
-
-    def take_levels(self) -> LevelReport:
-        return self.levels.take()
+    def take_levels(self) -> LevelReport | None:
+        """The levels since the last call, then start over; None while the meter is off."""
+        meter = self._meter
+        return meter.take() if meter is not None else None
 
 
 def _check_params(in_format: str, in_channels: int, in_rate: int, channel: int,
