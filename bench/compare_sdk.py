@@ -30,9 +30,14 @@ waits for that turn's final. Figures:
   (pttd: what ``pttd run`` loaded), median of 3.
 * start -> first frame: ``Popen`` to the server receiving the first audio frame (pttd: includes
   start-up to READY=1, the press over the control socket, connect and Begin).
-* send lateness: from a frame's real-time deadline (the moment its last sample would have been
-  captured: the pacing loop's deadline; for pttd the WAV source's) to its WebSocket send
-  returning. pttd's pre-roll/connect backlog frames are left out (they are old by design).
+* send lateness: from the moment a frame's audio was there to be sent (the pacing loop's
+  deadline; for pttd the deadline of the WAV source's capture block holding the frame's last
+  sample) to its WebSocket send returning: what the software adds. pttd's pre-roll/connect
+  backlog frames are left out (they are old by design).
+* frame age at send: from the moment a frame's last sample would have been captured to its send
+  returning. The same as send lateness for the pacing loops (one frame per wake-up); for pttd it
+  adds the capture period's buffering (``--period-ms``: the first 50 ms frame of a 100 ms period
+  waits 50 ms for the period to end, as with an ALSA mic's 100 ms periods).
 * release -> ForceEndpoint (pttd): "raw" = from release + post-roll; "own" = from the later of
   that and the moment the last post-roll sample was captured (pipeline_bench's two figures).
   The others: from the last frame's deadline to ForceEndpoint on the wire (one per run).
@@ -64,6 +69,7 @@ KEY = "bench-key"
 RATE = 16000
 CHUNK_MS = int(os.environ.get("PTTD_BENCH_CHUNK_MS", "50"))   # --chunk-ms, passed to children
 FRAME_S, FRAME_SAMPLES = CHUNK_MS / 1000, RATE * CHUNK_MS // 1000
+PERIOD_MS = int(os.environ.get("PTTD_BENCH_PERIOD_MS", "100"))  # --period-ms
 MODEL = "universal-streaming-english"
 CYCLE_A = (1200, 1800)      # phase 1: speech, silence (ms); silence > 1280 ms ends a turn
 CYCLE_B = (800, 1200)       # phase 2 (pttd presses): the press/release end each turn
@@ -564,7 +570,7 @@ def run_pacer(kind: str, server: Server, wav: Path, seconds: float, tmp: Path) -
             "audio_s": r["audio_s"], "rss_mb": r["vmhwm_kb"] / 1024,
             "import_ms": import_time_s(r["modules"]) * 1000,
             "first_frame_ms": (s["binary"][0] - t_spawn) * 1000,
-            "lateness": lat, "lat_t": [d - r["deadlines"][0] for d in r["deadlines"]],
+            "lateness": lat, "age": lat, "lat_t": [d - r["deadlines"][0] for d in r["deadlines"]],
             "fe_raw": fe, "fe_own": fe, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(r["sent"]),
             "threads": r["threads_max"], "modules": len(r["modules"])}
 
@@ -591,6 +597,7 @@ wav = "{wav}"
 preroll_ms = {PREROLL_MS}
 postroll_ms = {POSTROLL_MS}
 chunk_ms = {CHUNK_MS}
+period_ms = {PERIOD_MS}
 [gpio]
 pin_factory = "mock"
 [control]
@@ -703,13 +710,17 @@ journal = false
             ws_ids.append(wid)
     first = [s for s in n["sends"] if s[1] == ws_ids[0] and s[2] == 2 and s[3] == FRAME_SAMPLES * 2]
     st_t, start_pos = n["streamers"][0]
-    lat, lat_t, backlog = [], [], 0
+    lat, age, lat_t, backlog = [], [], [], 0
+    period = RATE * PERIOD_MS // 1000
     for j, (t_sent, _, _, _) in enumerate(first):
-        deadline = n["wav_t0"] + (start_pos + (j + 1) * FRAME_SAMPLES) / RATE
+        end = start_pos + (j + 1) * FRAME_SAMPLES
+        deadline = n["wav_t0"] + end / RATE
         if deadline < st_t:
             backlog += 1
             continue
-        lat.append((t_sent - deadline) * 1000)
+        block_due = n["wav_t0"] + -(-end // period) * period / RATE  # its capture block's end
+        lat.append((t_sent - block_due) * 1000)
+        age.append((t_sent - deadline) * 1000)
         lat_t.append(deadline)
     lat_t = [t - lat_t[0] for t in lat_t]
     capture_late = [(t - (n["wav_t0"] + end / RATE)) * 1000 for t, end in n["appends"]]
@@ -748,7 +759,7 @@ journal = false
     return {"kind": "pttd", "cpu_ms_per_s": cpu_ms_per_s, "per_thread": per_thread, "audio_s": audio_s,
             "rss_mb": n["vmhwm_kb"] / 1024, "import_ms": import_time_s(n["modules"]) * 1000,
             "first_frame_ms": (sessions[0]["binary"][0] - t_spawn) * 1000,
-            "ready_ms": (t_ready - t_spawn) * 1000, "lateness": lat, "lat_t": lat_t,
+            "ready_ms": (t_ready - t_spawn) * 1000, "lateness": lat, "age": age, "lat_t": lat_t,
             "backlog_frames": backlog, "capture_late": capture_late,
             "fe_raw": fe_raw, "fe_own": fe_own, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(first),
             "idle_ms_per_s": idle_ms_per_s, "modules": len(n["modules"]),
@@ -758,7 +769,7 @@ journal = false
 def summarise(r: dict) -> dict:
     """One round's figures as scalars."""
     out = {k: r[k] for k in ("cpu_ms_per_s", "rss_mb", "import_ms", "first_frame_ms", "frames")}
-    for key, name in (("lateness", "lat"), ("fe_own", "fe_own"), ("fe_raw", "fe_raw"),
+    for key, name in (("lateness", "lat"), ("age", "age"), ("fe_own", "fe_own"), ("fe_raw", "fe_raw"),
                       ("rx_to_final", "rx"), ("turn_to_final", "t2f")):
         vals = r.get(key) or []
         out[f"{name}_p50"], out[f"{name}_p99"] = pct(vals, 50), pct(vals, 99)
@@ -798,6 +809,8 @@ def fmt_table(results: dict[str, dict]) -> str:
         ("send lateness p50 ms", "lat_p50", "{:.2f}"),
         ("send lateness p99 ms", "lat_p99", "{:.2f}"),
         ("send lateness max ms", "lat_max", "{:.2f}"),
+        ("frame age at send p50 ms", "age_p50", "{:.2f}"),
+        ("frame age at send p99 ms", "age_p99", "{:.2f}"),
         ("last post-roll sample -> FE on wire p50 ms", "fe_own_p50", "{:.2f}"),
         ("last post-roll sample -> FE on wire p99 ms", "fe_own_p99", "{:.2f}"),
         ("release + post-roll -> FE on wire p50 ms", "fe_raw_p50", "{:.1f}"),
@@ -890,8 +903,10 @@ def main() -> None:
     ap.add_argument("--presses", type=int, default=20, help="pttd's short presses (release -> FE)")
     ap.add_argument("--only", default=",".join(CONTENDERS))
     ap.add_argument("--chunk-ms", type=int, default=50,
-                    help="frame size for every contender (pttd: [audio] chunk_ms, also its WAV "
-                         "source's block); 100 approximates an ALSA mic's 100 ms periods")
+                    help="frame size for every contender (pttd: [audio] chunk_ms)")
+    ap.add_argument("--period-ms", type=int, default=100,
+                    help="pttd's capture period ([audio] period_ms; 100 is its default, an ALSA "
+                         "mic's period); the pacing loops read one frame per wake-up")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every contender this many times, interleaved; the table shows medians")
     ap.add_argument("--plot", default=str(ROOT / "bench" / "send_lateness.png"))
@@ -902,13 +917,16 @@ def main() -> None:
                     help="cProfile every pttd thread (thread CPU time) into DIR/*.prof")
     args = ap.parse_args()
     kinds = [k for k in CONTENDERS if k in args.only.split(",")]
-    global CHUNK_MS, FRAME_S, FRAME_SAMPLES
+    global CHUNK_MS, FRAME_S, FRAME_SAMPLES, PERIOD_MS
     CHUNK_MS, FRAME_S, FRAME_SAMPLES = args.chunk_ms, args.chunk_ms / 1000, RATE * args.chunk_ms // 1000
+    PERIOD_MS = args.period_ms
     os.environ["PTTD_BENCH_CHUNK_MS"] = str(args.chunk_ms)
+    os.environ["PTTD_BENCH_PERIOD_MS"] = str(args.period_ms)
     tmp = Path(tempfile.mkdtemp(prefix="pttd-compare-"))
     wav = tmp / "speech.wav"
     b_start, total = make_wav(wav, args.seconds, args.presses)
-    print(f"compare_sdk: {args.seconds:g} s of paced audio in {args.chunk_ms} ms frames, "
+    print(f"compare_sdk: {args.seconds:g} s of paced audio in {args.chunk_ms} ms frames "
+          f"(pttd: {args.period_ms} ms capture periods), "
           f"{args.rounds} round(s), {machine()}",
           flush=True)
     server = Server()

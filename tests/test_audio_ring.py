@@ -16,6 +16,23 @@ def samples(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<i2").tolist()
 
 
+def test_position_at_places_a_moment_inside_the_period_not_yet_appended():
+    """A release 30 ms after the newest 100 ms block means 30 ms more than ``end``; at most a
+    block more, however long the next block takes."""
+    ring = RingBuffer(16000, 16000)
+    assert ring.position_at(time.monotonic() + 5) == 0  # nothing captured yet: nothing to add
+    before = time.monotonic()
+    ring.append(bytes(3200))  # one 100 ms block
+    after = time.monotonic()
+    assert ring.end == 1600
+    assert ring.position_at(before) == 1600  # no earlier than what is there
+    at = ring.position_at(after + 0.030)
+    assert 1600 + 480 <= at <= 1600 + 480 + int((after - before) * 16000) + 1
+    assert ring.position_at(after + 10.0) == 1600 + 1600  # capped at one block
+    ring.append_gap(160)  # a 10 ms gap tick is the newest block now
+    assert ring.position_at(time.monotonic() + 10.0) == 1760 + 160
+
+
 def test_append_and_read_by_absolute_position():
     ring = RingBuffer(100, 16000)
     ring.append(pcm(range(10)))

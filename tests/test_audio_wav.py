@@ -47,7 +47,7 @@ def stop_after():
 
 def test_plays_in_real_time_exact_samples_then_silence(tmp_path, ring, stop_after):
     data = np.random.default_rng(3).integers(-30000, 30000, 16000, dtype="<i2")  # 1.0 s
-    src = WavSource(write_wav(tmp_path / "a.wav", data, 16000), ring, 16000, chunk_ms=50)
+    src = WavSource(write_wav(tmp_path / "a.wav", data, 16000), ring, 16000, period_ms=50)
     stop_after(src)
     t0 = time.monotonic()
     src.start()
@@ -70,7 +70,7 @@ def test_schedule_has_no_drift_with_uneven_chunks(tmp_path, ring, stop_after):
     """22.05 kHz has 1102.5 frames per 50 ms: deadlines come from one start time, not sums."""
     n = 22050 * 2
     x = np.rint(8000 * np.sin(2 * np.pi * 440 * np.arange(n) / 22050)).astype("<i2")
-    src = WavSource(write_wav(tmp_path / "b.wav", x, 22050), ring, 16000, chunk_ms=50)
+    src = WavSource(write_wav(tmp_path / "b.wav", x, 22050), ring, 16000, period_ms=50)
     stop_after(src)
     t0 = time.monotonic()
     src.start()
@@ -86,7 +86,7 @@ def test_stereo_44k_wav_is_mixed_and_resampled(tmp_path, ring, stop_after):
     left = 6000 * np.sin(2 * np.pi * 1000 * t)
     right = 2000 * np.sin(2 * np.pi * 1000 * t)
     frames = np.rint(np.stack([left, right], axis=1)).astype("<i2")
-    src = WavSource(write_wav(tmp_path / "c.wav", frames, 44100), ring, 16000, chunk_ms=100)
+    src = WavSource(write_wav(tmp_path / "c.wav", frames, 44100), ring, 16000, period_ms=100)
     stop_after(src)
     src.start()
     assert ring.wait_for(12000, timeout=3.0)
@@ -99,7 +99,7 @@ def test_stereo_44k_wav_is_mixed_and_resampled(tmp_path, ring, stop_after):
 def test_levels_are_metered_only_while_measure_levels_runs(tmp_path, ring):
     """``pttd check`` on a 16 kHz mono WAV: exact levels, and the file's bytes still sent."""
     tone = np.rint(16384 * np.sin(2 * np.pi * 500 * np.arange(16000) / 16000)).astype("<i2")
-    src = WavSource(write_wav(tmp_path / "t.wav", tone, 16000), ring, 16000, chunk_ms=50)
+    src = WavSource(write_wav(tmp_path / "t.wav", tone, 16000), ring, 16000, period_ms=50)
     assert src.take_levels() is None
     readings = []
     report = measure_levels(src, seconds=0.5, interval=0.1, on_update=readings.append)
@@ -115,7 +115,7 @@ def test_levels_are_metered_only_while_measure_levels_runs(tmp_path, ring):
 
 def test_stop_is_prompt_and_first_audio_set(tmp_path, ring):
     src = WavSource(write_wav(tmp_path / "d.wav", np.zeros(1600, "<i2"), 16000), ring, 16000,
-                    chunk_ms=200)
+                    period_ms=200)
     src.start()
     assert src.first_audio.wait(2.0)
     t = time.monotonic()
@@ -155,7 +155,7 @@ def test_not_a_wav_is_refused(tmp_path, ring):
 
 def test_record_writes_exactly_what_would_be_sent(tmp_path, ring):
     data = np.random.default_rng(4).integers(-20000, 20000, 12000, dtype="<i2")
-    src = WavSource(write_wav(tmp_path / "in.wav", data, 16000), ring, 16000, chunk_ms=50)
+    src = WavSource(write_wav(tmp_path / "in.wav", data, 16000), ring, 16000, period_ms=50)
     out = tmp_path / "out.wav"
     result = record(src, ring, 0.5, out)
     assert not src.running and result["samples"] == 8000

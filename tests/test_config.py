@@ -19,6 +19,7 @@ def test_defaults_match_contract():
     assert cfg.stt.speech_model == "universal-streaming-english" and cfg.stt.format_turns is True
     assert (cfg.audio.source, cfg.audio.device, cfg.audio.capture_format) == ("alsa", "default", "S16_LE")
     assert (cfg.audio.chunk_ms, cfg.audio.preroll_ms, cfg.audio.postroll_ms) == (50, 500, 300)
+    assert cfg.audio.period_ms == 100
     assert (cfg.audio.warmup_ms, cfg.audio.ring_seconds) == (150, 30)
     assert (cfg.button.pin, cfg.button.pull_up, cfg.button.bounce_ms, cfg.button.mode) == (17, True, 30, "hold")
     assert (cfg.leds.kind, cfg.leds.pins) == ("led", [27])
@@ -91,6 +92,7 @@ phrases = ["lights on"]
     ("[bogus]\n", "[bogus]"),
     ("[audio]\nchunk_ms = 20\n", "audio.chunk_ms"),
     ("[audio]\nchunk_ms = true\n", "audio.chunk_ms"),
+    ("[audio]\nperiod_ms = 5\n", "audio.period_ms"),
     ("[audio]\ncapture_rate = 22050\n", "audio.capture_rate"),
     ("[audio]\nchannel = 1\n", "audio.channel"),
     ("[audio]\nsource = \"wav\"\n", "audio.wav"),

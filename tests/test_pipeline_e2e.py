@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +76,30 @@ def test_press_release_gives_one_final_with_preroll_and_postroll(fake_v3, daemon
     assert 0 <= final["latency_ms"] < 5000
     # never ahead of real time by more than the allowance (the fake would have closed 3007)
     assert rec.close_sent is None or rec.close_sent[0] == 1000
+
+
+def test_release_inside_a_long_capture_period_keeps_the_whole_postroll(fake_v3, daemon_factory):
+    """With 500 ms capture periods the newest captured sample is up to 500 ms old at a release;
+    the post-roll must still run 300 ms past the release itself, not past that sample."""
+    srv = fake_v3(script=["hello world"], api_keys={KEY})
+    d, samples = daemon_factory(srv, audio_extra="period_ms = 500\n")
+    d.wait_audio_ms(1500)
+    assert d.command("press") == {"ok": True}
+    landed = d.wait_audio_ms(3500)  # a block has just landed (polled every 20 ms)
+    t_landed = time.monotonic()
+    time.sleep(0.25)  # places the release mid-period: timing the action, not awaiting a result
+    t_release = time.monotonic()
+    assert d.command("release") == {"ok": True}
+    # the audio position at the release is at least this (the block landed before the poll)
+    release_ms = landed + (t_release - t_landed) * 1000
+    final = d.wait_event(lambda e: e["event"] == "final")
+    rec = srv.sessions[0]
+    rec.wait_done(5)
+    audio = b"".join(f.data for f in rec.audio_frames())
+    end_ms = (locate(audio, samples) + len(audio) // 2) * 1000 // RATE
+    assert end_ms >= release_ms + 300 - 2, (end_ms, release_ms)
+    assert final["audio_ms"] == len(audio) // 2 * 1000 // RATE
+    assert d.stop()[0] == 0
 
 
 def test_delayed_begin_loses_no_audio(fake_v3, daemon_factory):

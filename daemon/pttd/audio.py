@@ -119,23 +119,29 @@ class _Source:
 
 # --- WAV -----------------------------------------------------------------------------------------
 
+# One capture block per wake-up: each wake-up of the capture thread (and of the streamer it
+# wakes) costs far more than the block's work, and 100 ms is still short next to the post-roll.
+CAPTURE_PERIOD_MS = 100
+
+
 class WavSource(_Source):
     """Plays a 16-bit PCM WAV in real time, then silence forever (a mic that never ends).
 
     Blocks are scheduled on absolute deadlines from one monotonic start time, so the pace never
     drifts (a late wake-up is caught up at the next deadline). Each block is appended at the
-    time its last sample would have been captured. Any channel count or rate is converted to
-    mono ``sample_rate`` (channels averaged, no high-pass); a mono file already at
+    time its last sample would have been captured; blocks are ``period_ms`` long, as an ALSA
+    mic's periods are, so a WAV source costs what the mic does. Any channel count or rate is
+    converted to mono ``sample_rate`` (channels averaged, no high-pass); a mono file already at
     ``sample_rate`` is delivered byte for byte.
     """
 
     name = "wav-source"
 
     def __init__(self, path: str | os.PathLike, ring: RingBuffer, sample_rate: int,
-                 chunk_ms: int = 50):
+                 period_ms: int = CAPTURE_PERIOD_MS):
         super().__init__(ring, sample_rate)
         self.path = Path(path)
-        self.chunk_s = chunk_ms / 1000.0
+        self.period_s = period_ms / 1000.0
         self._wav, self.wav_channels, self.wav_rate, self.wav_frames = _open_wav(self.path)
         try:
             self._use_converter(Converter("S16_LE", self.wav_channels, self.wav_rate, channel=-1,
@@ -153,9 +159,9 @@ class WavSource(_Source):
             k = 0
             while True:
                 k += 1
-                if self._stop.wait(max(0.0, t0 + k * self.chunk_s - time.monotonic())):
+                if self._stop.wait(max(0.0, t0 + k * self.period_s - time.monotonic())):
                     return
-                due = int(round(k * self.chunk_s * self.wav_rate))
+                due = int(round(k * self.period_s * self.wav_rate))
                 self._deliver(self._conv.process(self._next_block(due - self.frames_played)))
         finally:
             self._wav.close()
@@ -244,7 +250,7 @@ class AlsaSource(_Source):
 
     def __init__(self, device: str, capture_format: str, capture_channels: int,
                  capture_rate: int, channel: int, gain_db: float, warmup_ms: int,
-                 sample_rate: int, ring: RingBuffer, period_ms: int = 100,
+                 sample_rate: int, ring: RingBuffer, period_ms: int = CAPTURE_PERIOD_MS,
                  on_status: StatusCallback | None = None, highpass_hz: float | None = 80.0,
                  stall_timeout_s: float = 2.0, periods: int = 4):
         super().__init__(ring, sample_rate)

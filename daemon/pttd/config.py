@@ -115,6 +115,9 @@ class AudioConfig:
     warmup_ms: int = _opt(150, _between(0, 5000))
     ring_seconds: int = _opt(30, _between(5, 600))
     chunk_ms: int = _opt(50, _between(50, 1000), "the server accepts 50-1000 ms per frame")
+    # capture period: the capture thread (and the streamer it wakes) runs once per period;
+    # shorter sends audio sooner, longer costs less CPU
+    period_ms: int = _opt(100, _between(10, 1000))
     preroll_ms: int = _opt(500, _between(0, 5000))
     postroll_ms: int = _opt(300, _between(0, 5000))
 

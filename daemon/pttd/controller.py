@@ -256,7 +256,7 @@ class Controller:
         if self._active() is not None:
             return  # already held: a second press is a bounce or a duplicate
         preroll = self.s.preroll_ms * self.s.sample_rate // 1000
-        start = max(self.ring.start, self.ring.end - preroll)
+        start = max(self.ring.start, self.ring.position_at(at) - preroll)
         previous = self._presses[-1] if self._presses else None
         if previous is not None and previous.end_pos is not None:
             start = max(start, previous.streamer.end if previous.streamer and previous.streamer.end
@@ -278,7 +278,7 @@ class Controller:
             return
         press.released_at = at
         postroll = self.s.postroll_ms * self.s.sample_rate // 1000
-        press.end_pos = self.ring.end + postroll
+        press.end_pos = self.ring.position_at(at) + postroll
         if press.streamer is not None:
             press.streamer.finish(press.end_pos)
         self._refresh_state()

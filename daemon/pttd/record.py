@@ -12,11 +12,12 @@ def make_source(cfg: Config, ring, on_status=None):
 
     a = cfg.audio
     if a.source == "wav":
-        return WavSource(a.wav, ring, sample_rate=a.sample_rate, chunk_ms=a.chunk_ms)
+        return WavSource(a.wav, ring, sample_rate=a.sample_rate, period_ms=a.period_ms)
     return AlsaSource(device=a.device, capture_format=a.capture_format,
                       capture_channels=a.capture_channels, capture_rate=a.capture_rate,
                       channel=a.channel, gain_db=a.gain_db, warmup_ms=a.warmup_ms,
-                      sample_rate=a.sample_rate, ring=ring, on_status=on_status)
+                      sample_rate=a.sample_rate, ring=ring, period_ms=a.period_ms,
+                      on_status=on_status)
 
 
 def run_record(cfg: Config, seconds: float, out_path: str) -> int:

@@ -48,6 +48,8 @@ class RingBuffer:
         self._end = 0
         self._gaps: list[list[int]] = []
         self._wakes = 0
+        self._appended_at: float | None = None  # monotonic time of the newest append
+        self._block = 0                          # samples in it (one capture period)
         self._cond = threading.Condition(threading.Lock())
 
     # --- positions ---------------------------------------------------------------------------
@@ -66,6 +68,20 @@ class RingBuffer:
         """The live position (same as ``end``): where a reader starting "now" begins."""
         return self._end
 
+    def position_at(self, t: float) -> int:
+        """The position the device had reached at monotonic time ``t``.
+
+        A capture block is appended when its last sample arrives, so ``end`` lags the moment by up
+        to one block (100 ms with an ALSA mic). A press or release at ``t`` means the audio up to
+        ``t``: ``end`` plus the time since the newest append, at most one block ahead (the next
+        append is due by then). Without this a release would cut up to a block off the post-roll.
+        """
+        with self._cond:
+            end, at, block = self._end, self._appended_at, self._block
+        if at is None:
+            return end
+        return end + max(0, min(block, int((t - at) * self.sample_rate)))
+
     # --- writer ------------------------------------------------------------------------------
 
     def append(self, pcm: bytes) -> None:
@@ -76,6 +92,7 @@ class RingBuffer:
             return
         with self._cond:
             self._write(memoryview(pcm).cast("B"))
+            self._appended_at, self._block = time.monotonic(), len(pcm) // 2
             if self._gaps and self._gaps[0][1] <= self.start:
                 self._prune_gaps()
             self._cond.notify_all()
@@ -88,6 +105,7 @@ class RingBuffer:
         with self._cond:
             start = self._end
             self._write_silence(n)
+            self._appended_at, self._block = time.monotonic(), n
             self._record_gap(start, self._end)
             self._cond.notify_all()
 
