@@ -1,8 +1,10 @@
 """Button and LEDs on gpiozero's MockFactory/MockPWMPin: drive pins, assert the pin history."""
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -106,6 +108,25 @@ def test_button_pin_busy(factory):
 def test_button_invalid_pin(factory):
     with pytest.raises(PeripheralError, match="GPIO99"):
         ButtonInput(99, True, 30, lambda: None, lambda: None, pin_factory=factory)
+
+
+def test_button_starts_no_polling_thread(factory):
+    """gpiozero's Button starts a HoldThread that wakes every 100 ms forever; ours starts none."""
+    from gpiozero.mixins import HoldThread
+
+    before = set(threading.enumerate())
+    items: "queue.Queue[str]" = queue.Queue()
+    factory.track(ButtonInput(17, True, 30, lambda: items.put("press"),
+                              lambda: items.put("release"), pin_factory=factory))
+    hold = [t for t in threading.enumerate() if isinstance(t, HoldThread) or "held" in t.name]
+    assert hold == []
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+    pin = factory.pin(17)
+    pin.drive_low()
+    pin.drive_high()
+    pin.drive_low()
+    assert [items.get_nowait() for _ in range(3)] == ["press", "release", "press"]
+    assert items.empty()
 
 
 def test_button_close_frees_pin(factory):

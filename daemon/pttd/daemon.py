@@ -7,8 +7,8 @@ the first press. Stop order is the reverse, each part joined with a timeout, all
 from __future__ import annotations
 
 import logging
+import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,12 +35,14 @@ class Daemon:
     cfg: Config
     extra_sinks: list = field(default_factory=list)
     url_override: str | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _stop: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _parts: list = field(default_factory=list)
 
     def request_stop(self, *_args) -> None:
-        """Signal-safe: only sets an event."""
-        self._stop.set()
+        """Signal-safe and callable from any thread: one item on a SimpleQueue, whose put() is
+        reentrant. (``Event.set`` is not: a SIGTERM landing while the main thread holds the
+        Event's lock inside ``wait`` would deadlock the handler against its own thread.)"""
+        self._stop.put(None)
 
     # --- assembly ------------------------------------------------------------------------------
 
@@ -243,17 +245,25 @@ class Daemon:
         return engine.url
 
     def run(self) -> int:
-        """Block until stopped; returns the exit code."""
+        """Block until stopped; returns the exit code.
+
+        Polls only until READY=1, then sleeps without a timeout: nothing else needs the main
+        thread (the watchdog has its own thread), and a signal handler still runs here because
+        the blocking ``get`` is interrupted by signals and retried after the handler.
+        """
         ready = False
-        while not self._stop.is_set():
+        while True:
             # READY once the mic delivers audio; a mic that is missing at start still gets the
             # unit "active" (STATUS=offline: ...) so it stays up and retries instead of looping
             if not ready and (self.source.first_audio.is_set()
                               or getattr(self.source, "state", "") == "offline"):
                 ready = True
                 self.notifier.ready(self._status_now())
-            self._stop.wait(0.05 if not ready else 0.5)
-        return 0
+            try:
+                self._stop.get(timeout=None if ready else 0.05)
+                return 0
+            except queue.Empty:
+                pass
 
     def _status_now(self) -> str:
         from .service import status_text

@@ -240,24 +240,29 @@ def _guarded(fn: Callable[[], None], what: str) -> Callable[[], None]:
 class ButtonInput:
     """The push-to-talk button; callbacks run on gpiozero's thread and must only enqueue.
 
-    ``bounce_ms = 0`` disables debouncing. (gpiozero's MockFactory does not simulate bounce.)
+    A ``DigitalInputDevice`` rather than gpiozero's ``Button``: ``Button`` is the same device
+    plus ``when_held``, whose ``HoldThread`` wakes every 100 ms for the life of the process
+    (idle too). pttd never uses ``when_held``; press and release are edge callbacks either way.
+    ``pull_up=True`` means active (pressed) when low. ``bounce_ms = 0`` disables debouncing.
+    (gpiozero's MockFactory does not simulate bounce.)
     """
 
     def __init__(self, pin: int, pull_up: bool, bounce_ms: int,
                  on_press: Callable[[], None], on_release: Callable[[], None], pin_factory=None):
-        from gpiozero import Button
+        from gpiozero import DigitalInputDevice
 
         try:
-            self._button = Button(pin, pull_up=pull_up, pin_factory=pin_factory,
-                                  bounce_time=bounce_ms / 1000 if bounce_ms else None)
+            self._button = DigitalInputDevice(
+                pin, pull_up=pull_up, pin_factory=pin_factory,
+                bounce_time=bounce_ms / 1000 if bounce_ms else None)
         except Exception as exc:
             raise _gpio_error(f"button on GPIO{pin}", exc) from exc
-        self._button.when_pressed = _guarded(on_press, "press")
-        self._button.when_released = _guarded(on_release, "release")
+        self._button.when_activated = _guarded(on_press, "press")
+        self._button.when_deactivated = _guarded(on_release, "release")
 
     @property
     def is_pressed(self) -> bool:
-        return bool(self._button.is_pressed)
+        return bool(self._button.is_active)
 
     @property
     def pin(self):
