@@ -86,7 +86,8 @@ class _Source:
     def _deliver(self, pcm: bytes) -> None:
         if pcm:
             self.ring.append(pcm)
-            self.first_audio.set()
+            if not self.first_audio.is_set():  # set() takes a lock and notifies: once is enough
+                self.first_audio.set()
         self.progress += 1
 
     def _use_converter(self, conv: Converter) -> Converter:
