@@ -1,7 +1,8 @@
 """Audio front-end cost: prints figures, never pass/fail.
 
 1. Converter alone: CPU µs per 50 ms frame, S32_LE stereo 48 kHz → S16_LE mono 16 kHz
-   (channel pick, levels, 191-tap polyphase FIR, DC blocker, +20 dB gain, clip count).
+   (channel pick, 191-tap polyphase FIR, DC blocker, +20 dB gain, clip count; the level meter
+   is off, as in the daemon: only `pttd check` turns it on).
 2. The whole capture thread through real alsa-lib: pyalsaaudio reads the ALSA ``file`` plugin,
    whose FIFO a feeder process fills in real time (tests/alsa_fifo.py); CPU seconds of that one
    thread (from /proc/self/task/<tid>/schedstat) per second of audio, for 100 ms and 50 ms
