@@ -70,7 +70,7 @@ def paced_send(session, chunks, period=0.05):
         delay = t0 + i * period - time.monotonic()
         if delay > 0:
             time.sleep(delay)  # pacing a real-time stream, not waiting for a result
-        assert session.send_audio(chunk)
+        assert session.send_audio_now(chunk)
 
 
 def finals_of(events):
@@ -95,7 +95,7 @@ def test_paced_ten_seconds_gives_one_final_per_turn(fake_v3, model, format_turns
     begin = s.connect(timeout=5)
     assert begin.id and s.is_open
     paced_send(s, frames(*TEN_SECONDS))
-    s.force_endpoint()
+    assert s.force_endpoint_now()
     term = s.terminate(timeout=5)
     assert isinstance(term, protocol.Termination)
     events = rec.drain(lambda e: isinstance(e, SessionClosed))
@@ -127,27 +127,6 @@ def test_headers_and_query(fake_v3):
     assert r.query["speech_model"] == "universal-streaming-english"
     assert r.query["keyterms_prompt"] == ["pttd"] and r.query["speaker_labels"] is False
     assert r.query["format_turns"] is True
-
-
-def test_send_audio_rejects_frames_outside_the_rule(fake_v3):
-    srv = fake_v3(api_keys={KEY})
-    s = open_session(srv, Recorder())
-    s.connect(timeout=5)
-    try:
-        for nbytes in (1598, 32002, 801):
-            with pytest.raises(ValueError):
-                s.send_audio(b"\0" * nbytes)
-        assert s.send_audio(b"\0" * 32000) and s.send_audio(b"\0" * 1600)
-    finally:
-        s.terminate(timeout=5)
-
-
-def test_bounded_queue_refuses_instead_of_growing(fake_v3):
-    srv = fake_v3(api_keys={KEY}, faults=Faults(begin_delay_s=0))
-    s = open_session(srv, Recorder(), max_queued_ms=200)
-    # not started: nothing drains the queue
-    assert [s.send_audio(b"\0" * 1600) for _ in range(5)] == [True] * 4 + [False]
-    s.close()
 
 
 # --- sending on the caller's thread (what a press's streamer does) ---------------------------------
@@ -183,9 +162,10 @@ def test_send_now_rejects_bad_frames_and_refuses_before_begin(fake_v3):
     assert not s.send_audio_now(b"\0" * 1600) and not s.force_endpoint_now()  # not open yet
     s.connect(timeout=5)
     try:
-        with pytest.raises(ValueError):
-            s.send_audio_now(b"\0" * 1598)
-        assert s.send_audio_now(b"\0" * 1600)
+        for nbytes in (1598, 32002, 801):  # odd, over 1000 ms, under 50 ms
+            with pytest.raises(ValueError):
+                s.send_audio_now(b"\0" * nbytes)
+        assert s.send_audio_now(b"\0" * 32000) and s.send_audio_now(b"\0" * 1600)
     finally:
         s.terminate(timeout=5)
     assert not s.send_audio_now(b"\0" * 1600)  # closed
@@ -295,7 +275,7 @@ def _send_quietly(s, frames_list):
         delay = t0 + i * 0.05 - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        s.send_audio(f)
+        s.send_audio_now(f)
 
 
 def test_abrupt_drop_mid_turn(fake_v3):
@@ -333,7 +313,7 @@ def test_rate_exceeded_3007_when_sending_too_fast(fake_v3):
     s = open_session(srv, rec)
     s.connect(timeout=5)
     for f in frames(quiet(3000)):
-        s.send_audio(f)
+        s.send_audio_now(f)
     events = rec.drain(lambda e: isinstance(e, SessionClosed))
     assert events[-1].code == 3007 and events[-1].policy.bug
     s.close()
@@ -383,7 +363,7 @@ def test_unknown_messages_and_fields_are_tolerated(fake_v3):
     s = open_session(srv, rec, format_turns=False)
     s.connect(timeout=5)
     paced_send(s, frames(quiet(200), speech(1000), quiet(200)))
-    s.force_endpoint()
+    assert s.force_endpoint_now()
     events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
     assert events[-1].turn.transcript == "still works"
     s.terminate(timeout=5)
@@ -395,7 +375,7 @@ def test_slow_turns_still_arrive(fake_v3):
     s = open_session(srv, rec, format_turns=False)
     s.connect(timeout=5)
     paced_send(s, frames(speech(800), quiet(200)))
-    s.force_endpoint()
+    assert s.force_endpoint_now()
     events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn), timeout=10)
     assert events[-1].turn.transcript == "slow one"
     s.terminate(timeout=5)
@@ -408,7 +388,7 @@ def test_pattern_a_unformatted_copy_held_then_released_when_no_formatted_copy(fa
     s = open_session(srv, rec, format_turns=True, format_grace_s=0.3)
     s.connect(timeout=5)
     paced_send(s, frames(speech(600), quiet(200)))
-    s.force_endpoint()
+    assert s.force_endpoint_now()
     events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
     assert events[-1].turn.transcript == "X y." and events[-1].formatted
     s.terminate(timeout=5)

@@ -2,13 +2,11 @@
 
 The owner (the controller) never blocks on the network: ``start()`` returns at once, the
 receiver thread connects, waits for ``Begin`` and reports everything through ``on_event``
-(which must only enqueue). Two ways to send, never mixed for audio within one session:
-
-* queued (``send_audio``, ``force_endpoint``, ...): one bounded FIFO drained by the sender
-  thread, so a ``ForceEndpoint`` can never overtake the audio queued before it;
-* on the caller's thread (``send_audio_now``, ``force_endpoint_now``): for a press's streamer,
-  which already runs on a thread of its own. Each frame then costs one thread wake-up from ring
-  to wire instead of two, and the order is the caller's own.
+(which must only enqueue). Audio goes out on the caller's thread (``send_audio_now``, then
+``force_endpoint_now``): the caller is a press's streamer, which already runs on a thread of its
+own, so a frame costs one thread wake-up from ring to wire and a ForceEndpoint can never overtake
+the audio before it. Control messages the owner sends (``keep_alive``, ``update``, ``terminate``)
+go through a FIFO drained by the sender thread, so the owner never waits on the network.
 
 Every session ends with exactly one :class:`SessionClosed`, after any final it still held.
 """
@@ -65,7 +63,7 @@ class Session:
     def __init__(self, url: str, api_key: Secret, *, on_event: Callable[["Session", object], None],
                  sample_rate: int = 16000, format_turns: bool = True,
                  connect_timeout: float = 10.0, begin_timeout: float = 10.0,
-                 send_timeout: float = 10.0, max_queued_ms: int = 10_000,
+                 send_timeout: float = 10.0,
                  format_grace_s: float = 1.5, error_close_grace_s: float = 2.0,
                  on_sent: Callable[[int, int], None] | None = None, name: str = "session"):
         self.url = url
@@ -75,14 +73,12 @@ class Session:
         self._connect_timeout = connect_timeout
         self._begin_timeout = begin_timeout
         self._send_timeout = send_timeout
-        self._max_queued_bytes = max_queued_ms * sample_rate * 2 // 1000
         self._error_close_grace_s = error_close_grace_s
         self._on_sent = on_sent
         self.name = name
         self._assembler = TurnAssembler(format_turns, format_grace_s)
         self._ws: websocket.WebSocket | None = None
-        self._out: collections.deque[tuple[int, bytes | str]] = collections.deque()
-        self._out_bytes = 0
+        self._out: collections.deque[str] = collections.deque()  # a few control messages at most
         self._out_cond = threading.Condition()
         self._stopping = threading.Event()
         self._begun = threading.Event()
@@ -138,31 +134,15 @@ class Session:
         raise ConnectError(self._closed or SessionClosed(None, "no Begin", protocol.policy_for(None),
                                                          before_begin=True))
 
-    def send_audio(self, pcm: bytes) -> bool:
-        """Queue one frame. False when the queue is full (the caller keeps its cursor and retries).
-
-        Raises ValueError for frames outside the server's 50-1000 ms rule (a 3007 otherwise).
-        """
-        self._check_frame(pcm)
-        with self._out_cond:
-            if self._out_bytes + len(pcm) > self._max_queued_bytes:
-                return False
-            self._out.append((_OP_BINARY, pcm))
-            self._out_bytes += len(pcm)
-            self._out_cond.notify()
-        return True
-
     def send_audio_now(self, pcm: bytes) -> bool:
         """Send one frame on the caller's thread; blocks at most ``send_timeout``.
 
         False when the session is not open or the link just failed: the receiver then reports
-        the close as usual, so the caller only has to stop. Raises ValueError like ``send_audio``.
+        the close as usual, so the caller only has to stop. Raises ValueError for frames outside
+        the server's 50-1000 ms rule (a 3007 otherwise).
         """
         self._check_frame(pcm)
         return self._send_now(_OP_BINARY, pcm)
-
-    def force_endpoint(self) -> None:
-        self._queue_text(protocol.FORCE_ENDPOINT)
 
     def force_endpoint_now(self) -> bool:
         """ForceEndpoint on the caller's thread, after the audio it sent itself (see above)."""
@@ -213,15 +193,11 @@ class Session:
                 thread.join(timeout)
         self._report_closed(None, "closed by pttd", local=True)
 
-    def queued_ms(self) -> float:
-        with self._out_cond:
-            return protocol.frame_ms(self._out_bytes, self.sample_rate)
-
     # --- sending --------------------------------------------------------------------------------
 
     def _queue_text(self, text: str) -> None:
         with self._out_cond:
-            self._out.append((_OP_TEXT, text))
+            self._out.append(text)
             self._out_cond.notify()
 
     def _check_frame(self, pcm: bytes) -> None:
@@ -264,10 +240,8 @@ class Session:
                         return
                     batch = list(self._out)
                     self._out.clear()
-                for opcode, payload in batch:
-                    self._transmit(opcode, payload)
-                with self._out_cond:
-                    self._out_bytes -= sum(len(p) for op, p in batch if op == _OP_BINARY)
+                for text in batch:
+                    self._transmit(_OP_TEXT, text)
         except (OSError, websocket.WebSocketException) as exc:
             self._send_failed(exc)
 
