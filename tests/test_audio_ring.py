@@ -28,6 +28,8 @@ def test_position_at_places_a_moment_inside_the_period_not_yet_appended():
     assert ring.position_at(before) == 1600  # no earlier than what is there
     at = ring.position_at(after + 0.030)
     assert 1600 + 480 <= at <= 1600 + 480 + int((after - before) * 16000) + 1
+    assert at % 160 == 0  # whole 10 ms past the block
+    assert ring.position_at(after + 0.0049) == 1600  # jitter after a block lands adds nothing
     assert ring.position_at(after + 10.0) == 1600 + 1600  # capped at one block
     ring.append_gap(160)  # a 10 ms gap tick is the newest block now
     assert ring.position_at(time.monotonic() + 10.0) == 1760 + 160

@@ -97,7 +97,7 @@ def test_release_inside_a_long_capture_period_keeps_the_whole_postroll(fake_v3, 
     rec.wait_done(5)
     audio = b"".join(f.data for f in rec.audio_frames())
     end_ms = (locate(audio, samples) + len(audio) // 2) * 1000 // RATE
-    assert end_ms >= release_ms + 300 - 2, (end_ms, release_ms)
+    assert end_ms >= release_ms + 300 - 10 - 2, (end_ms, release_ms)  # placed to within 10 ms
     assert final["audio_ms"] == len(audio) // 2 * 1000 // RATE
     assert d.stop()[0] == 0
 

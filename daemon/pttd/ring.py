@@ -75,12 +75,17 @@ class RingBuffer:
         to one block (100 ms with an ALSA mic). A press or release at ``t`` means the audio up to
         ``t``: ``end`` plus the time since the newest append, at most one block ahead (the next
         append is due by then). Without this a release would cut up to a block off the post-roll.
+        The time since the append is rounded down to whole 10 ms (no hand is that quick): a
+        scripted press just after a block lands (``pttd demo``) gets the same audio every run
+        instead of one moved by a few samples of scheduling jitter.
         """
         with self._cond:
             end, at, block = self._end, self._appended_at, self._block
         if at is None:
             return end
-        return end + max(0, min(block, int((t - at) * self.sample_rate)))
+        grain = max(1, self.sample_rate // 100)
+        ahead = max(0, min(block, int((t - at) * self.sample_rate)))
+        return end + ahead - ahead % grain
 
     # --- writer ------------------------------------------------------------------------------
 
