@@ -268,10 +268,13 @@ class Chain:
     def process(self, raw: bytes, meter: LevelMeter | None) -> tuple[bytes, int]:
         """Whole frames → (PCM16 mono bytes, samples clipped); feeds ``meter`` unless None."""
         ints = np.frombuffer(raw, dtype=self._dtype).reshape(-1, self._channels)
-        frames = ints.T.astype(np.float32, order="C")  # channels × n
-        if meter is not None:
-            meter.add_input(frames)
-        x = frames.mean(axis=0) if self._channel < 0 else frames[self._channel]
+        if meter is None and self._channel >= 0:
+            x = ints[:, self._channel].astype(np.float32)  # the other channels are never read
+        else:
+            frames = ints.T.astype(np.float32, order="C")  # channels × n
+            if meter is not None:
+                meter.add_input(frames)
+            x = frames.mean(axis=0) if self._channel < 0 else frames[self._channel]
         x = x * self._scale
         if self._resampler is not None:
             x = self._resampler.process(x)
