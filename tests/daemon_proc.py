@@ -18,10 +18,11 @@ RATE = 16000
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
+    """16-bit WAV of ``samples``: 1-D for mono, or frames × channels."""
     import wave
 
     with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
+        w.setnchannels(samples.shape[1] if samples.ndim == 2 else 1)
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(samples.astype("<i2").tobytes())

@@ -11,9 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from daemon_proc import write_config
+from tests.daemon_proc import RATE, write_config, write_wav
 
-RATE = 16000
 
 # What `pttd run` does up to its wait loop (cli.main → cmd_run → daemon.run), with a handle on
 # the ring: journal logging as under systemd, the config's sinks, capture, controller, mock GPIO,
@@ -45,17 +44,6 @@ DAEMON = textwrap.dedent("""
     restore()
     print(json.dumps({"numpy": "numpy" in sys.modules, "sent": sent[0].hex() if sent else ""}))
 """)
-
-
-def write_wav(path, frames: np.ndarray):
-    import wave
-
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(frames.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(frames.astype("<i2").tobytes())
-    return path
 
 
 @pytest.mark.parametrize("channels,needs_numpy", [(1, False), (2, True)])
