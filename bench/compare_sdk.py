@@ -405,6 +405,21 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     websocket.WebSocket.send = send
 
+    write_frames = session.Session._write_frames
+
+    def timed_write_frames(self, frames, force_endpoint):
+        # the streamer's path: a capture period's frames (and the turn's ForceEndpoint) in one
+        # socket write; each frame is noted with the time that write returned
+        ws_id = id(self._ws)
+        write_frames(self, frames, force_endpoint)
+        t = time.monotonic()
+        for pcm in frames:
+            notes["sends"].append([t, ws_id, websocket.ABNF.OPCODE_BINARY, len(pcm)])
+        if force_endpoint:
+            notes["sends"].append([t, ws_id, websocket.ABNF.OPCODE_TEXT, 0])
+
+    session.Session._write_frames = timed_write_frames
+
     on_text = session.Session._on_text
 
     def timed_on_text(self, data):

@@ -66,6 +66,30 @@ def test_plays_in_real_time_exact_samples_then_silence(tmp_path, ring, stop_afte
     assert got.data[32000:] == bytes(2 * 3200)  # then silence, like a mic that never ends
 
 
+def test_chunks_around_the_data_and_a_truncated_file_play_exactly(tmp_path, ring, stop_after):
+    """The PCM is read straight from the file at the data chunk: a LIST chunk before it, a
+    chunk after it, and a data chunk that claims more than the file holds must not leak in."""
+    data = np.random.default_rng(5).integers(-30000, 30000, 4000, dtype="<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    info = b"INFOISFT" + struct.pack("<I", 6) + b"pttd\0\0"
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"LIST" + struct.pack("<I", len(info)) + info
+            + b"data" + struct.pack("<I", len(data)) + data
+            + b"junk" + struct.pack("<I", 8) + b"\x7f" * 8)
+    full = tmp_path / "chunks.wav"
+    full.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    cut = tmp_path / "cut.wav"  # the header claims 4000 samples; 1000 are missing
+    cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) - 16 - 2000])
+    for path, want in ((full, data), (cut, data[:6000])):
+        r = RingBuffer(16000 * 10, 16000)
+        src = WavSource(path, r, 16000, period_ms=50)
+        stop_after(src)
+        src.start()
+        assert r.wait_for(6400 - 1, timeout=3.0)
+        got = r.read(0, 6400).data
+        assert got[:len(want)] == want and got[len(want):] == bytes(12800 - len(want)), path
+
+
 def test_schedule_has_no_drift_with_uneven_chunks(tmp_path, ring, stop_after):
     """22.05 kHz has 1102.5 frames per 50 ms: deadlines come from one start time, not sums."""
     n = 22050 * 2

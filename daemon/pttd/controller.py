@@ -19,6 +19,7 @@ from typing import Callable
 
 from . import events, protocol
 from .events import State
+from .mailbox import Mailbox
 from .protocol import Begin, FinalTurn, Turn
 from .session import Session, SessionClosed
 from .streamer import StreamDone, StreamFailed, Streamer
@@ -130,7 +131,7 @@ class Controller:
         self._on_state = on_state
         self._clock = clock
         self._rng = rng or random.Random()
-        self._q: queue.Queue = queue.Queue(maxsize=QUEUE_BOUND)
+        self._q = Mailbox(QUEUE_BOUND)
         self._thread = threading.Thread(target=self._main, name="controller", daemon=True)
         self._presses: list[Press] = []
         # finished presses whose sessions may still deliver a late final (bounded)
@@ -187,10 +188,7 @@ class Controller:
     def stop(self, timeout: float = 3.0) -> None:
         """Finish cleanly: skip post-roll, ForceEndpoint, wait (bounded) for finals, Terminate."""
         deadline = time.monotonic() + timeout
-        try:
-            self._q.put(_Stop(deadline), timeout=0.5)
-        except queue.Full:
-            log.error("controller queue full at stop")
+        self._q.put_marker(_Stop(deadline))  # past the bound if need be: stop is never refused
         self._thread.join(max(0.1, deadline - time.monotonic() + 0.5))
 
     # --- the loop --------------------------------------------------------------------------------
@@ -356,13 +354,17 @@ class Controller:
 
     def _on_stream_done(self, done: StreamDone) -> None:
         press = next((p for p in self._presses if p.streamer is done.streamer), None)
-        if press is None or press.done:
-            return
-        log.debug("press %d: ForceEndpoint queued on %s after %d samples", press.press_id,
-                  press.session.name if press.session else "?", done.samples_sent)
-        press.lost_samples += done.lost_samples
-        press.audio_ms = (done.streamer.end - press.start_pos) * 1000 / self.s.sample_rate
-        press.fe_sent_at = done.force_endpoint_at
+        if press is None or press.done or press.fe_sent_at is not None:
+            return  # (its final overtook this report: _on_final has done the below)
+        self._force_endpoint_sent(press, done.streamer, done.force_endpoint_at)
+
+    def _force_endpoint_sent(self, press: Press, streamer: Streamer, at: float) -> None:
+        """The press's audio and ForceEndpoint are on the wire: wait (bounded) for its final."""
+        log.debug("press %d: ForceEndpoint sent on %s after %d samples", press.press_id,
+                  press.session.name if press.session else "?", streamer.samples_sent)
+        press.lost_samples += streamer.lost_samples
+        press.audio_ms = (streamer.end - press.start_pos) * 1000 / self.s.sample_rate
+        press.fe_sent_at = at
         # the short wait is for a press with nothing said; a replayed press may never have had
         # the chance to show its words, so it gets the full wait
         sure_empty = not press.heard_speech and press.attempts <= 1 and press.replay_pos is None
@@ -377,6 +379,12 @@ class Controller:
         if press.done:
             log.warning("press %d: final arrived after its wait ended; delivering it late",
                         press.press_id)
+        streamer = press.streamer
+        if press.fe_sent_at is None and streamer is not None and streamer.force_endpoint_at:
+            # The server answered the ForceEndpoint before the streamer's StreamDone reached this
+            # queue (the streamer marks it before sending, so the mark is there by now): this is
+            # the press's last final, not a turn the server ended on silence mid-press.
+            self._force_endpoint_sent(press, streamer, streamer.force_endpoint_at)
         now_wall = time.time()
         latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
         extra = {}

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable, Iterable, Protocol, TextIO
 
+from .mailbox import Mailbox
+
 log = logging.getLogger(__name__)
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -305,7 +307,7 @@ class _SinkWorker:
 
     def __init__(self, sink: Sink, queue_size: int):
         self.sink = sink
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue = Mailbox(queue_size)
         self._dropped = 0
         self._failed = False
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -322,11 +324,8 @@ class _SinkWorker:
                             type(self.sink).__name__, self._queue.maxsize)
 
     def finish(self) -> None:
-        """Queue the stop marker; a full queue still stops (it blocks, bounded, then gives up)."""
-        try:
-            self._queue.put(_STOP, timeout=1.0)
-        except queue.Full:
-            pass
+        """Queue the stop marker (past the bound if need be: it is never refused)."""
+        self._queue.put_marker(_STOP)
 
     def join(self, deadline: float) -> None:
         self._thread.join(max(0.0, deadline - _now()))

@@ -47,10 +47,14 @@ class RingBuffer:
         self._buf = bytearray(self.capacity * 2)
         self._end = 0
         self._gaps: list[list[int]] = []
+        # readers blocked in wait_for, each on a lock of its own that the writer releases after
+        # it has let go of the ring's lock (a Condition would wake them still holding it, and
+        # each would block again at once to take it back)
+        self._waiters: list = []
         self._wakes = 0
         self._appended_at: float | None = None  # monotonic time of the newest append
         self._block = 0                          # samples in it (one capture period)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
 
     # --- positions ---------------------------------------------------------------------------
 
@@ -79,7 +83,7 @@ class RingBuffer:
         scripted press just after a block lands (``pttd demo``) gets the same audio every run
         instead of one moved by a few samples of scheduling jitter.
         """
-        with self._cond:
+        with self._lock:
             end, at, block = self._end, self._appended_at, self._block
         if at is None:
             return end
@@ -95,24 +99,28 @@ class RingBuffer:
             raise ValueError("PCM16 data must have an even number of bytes")
         if not pcm:
             return
-        with self._cond:
+        with self._lock:
             self._write(memoryview(pcm).cast("B"))
             self._appended_at, self._block = time.monotonic(), len(pcm) // 2
             if self._gaps and self._gaps[0][1] <= self.start:
                 self._prune_gaps()
-            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
 
     def append_gap(self, n_samples: int) -> None:
         """Mark ``n_samples`` of missing audio: written as silence and recorded as a gap."""
         n = int(n_samples)
         if n <= 0:
             return
-        with self._cond:
+        with self._lock:
             start = self._end
             self._write_silence(n)
             self._appended_at, self._block = time.monotonic(), n
             self._record_gap(start, self._end)
-            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
 
     def _write(self, data: memoryview) -> None:
         """Copy bytes at the write position with at most two slice assignments (no loops)."""
@@ -151,7 +159,7 @@ class RingBuffer:
 
     def read(self, pos: int, max_samples: int) -> ReadResult:
         """Up to ``max_samples`` from ``pos`` (fewer if the writer has not got there yet)."""
-        with self._cond:
+        with self._lock:
             start, end = self.start, self._end
             lost = max(0, start - pos)
             pos = max(pos, start)
@@ -173,26 +181,37 @@ class RingBuffer:
 
     def gaps(self) -> list[tuple[int, int]]:
         """All recorded gaps still (partly) in the buffer, oldest first."""
-        with self._cond:
+        with self._lock:
             return [(s, e) for s, e in self._gaps]
 
     def wait_for(self, pos: int, timeout: float) -> bool:
         """Block until ``end > pos``; False on timeout or when ``wake()`` is called."""
         deadline = time.monotonic() + max(0.0, timeout)
-        with self._cond:
-            wakes = self._wakes
-            while self._end <= pos:
+        wakes = None
+        while True:
+            with self._lock:
+                if self._end > pos:
+                    return True
+                if wakes is None:
+                    wakes = self._wakes
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._wakes != wakes:
                     return False
-                self._cond.wait(remaining)
-            return True
+                waiter = threading.Lock()
+                waiter.acquire()
+                self._waiters.append(waiter)
+            if not waiter.acquire(timeout=remaining):
+                with self._lock:  # timed out: unless a release is on its way, unregister
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
 
     def wake(self) -> None:
         """Release every ``wait_for`` now (a stopping reader uses this instead of a timeout)."""
-        with self._cond:
+        with self._lock:
             self._wakes += 1
-            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
 
 
 class Snapshot:

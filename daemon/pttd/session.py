@@ -5,7 +5,8 @@ receiver thread connects, waits for ``Begin`` and reports everything through ``o
 (which must only enqueue). Audio goes out on the caller's thread (``send_audio_now``, then
 ``force_endpoint_now``): the caller is a press's streamer, which already runs on a thread of its
 own, so a frame costs one thread wake-up from ring to wire and a ForceEndpoint can never overtake
-the audio before it. Control messages the owner sends (``keep_alive``, ``update``, ``terminate``)
+the audio before it. ``send_frames_now`` puts several frames (a capture period's worth, and the
+ForceEndpoint after a press's last one) on the wire in one socket write. Control messages the owner sends (``keep_alive``, ``update``, ``terminate``)
 go through a FIFO drained by the sender thread, so the owner never waits on the network.
 
 Every session ends with exactly one :class:`SessionClosed`, after any final it still held.
@@ -19,7 +20,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import websocket
 
@@ -134,19 +135,33 @@ class Session:
         raise ConnectError(self._closed or SessionClosed(None, "no Begin", protocol.policy_for(None),
                                                          before_begin=True))
 
-    def send_audio_now(self, pcm: bytes) -> bool:
-        """Send one frame on the caller's thread; blocks at most ``send_timeout``.
+    def send_frames_now(self, frames: Sequence[bytes], force_endpoint: bool = False) -> bool:
+        """Send audio frames, each its own WebSocket frame, then optionally ForceEndpoint, on the
+        caller's thread in one socket write; blocks at most ``send_timeout``.
 
-        False when the session is not open or the link just failed: the receiver then reports
-        the close as usual, so the caller only has to stop. Raises ValueError for frames outside
-        the server's 50-1000 ms rule (a 3007 otherwise).
+        One write per capture period instead of one per frame: the frames on the wire are the
+        same, the system calls fewer. False when the session is not open or the link just
+        failed: the receiver then reports the close as usual, so the caller only has to stop.
+        Raises ValueError for frames outside the server's 50-1000 ms rule (a 3007 otherwise).
         """
-        self._check_frame(pcm)
-        return self._send_now(_OP_BINARY, pcm)
+        for pcm in frames:
+            self._check_frame(pcm)
+        if not self._begun.is_set() or self._stopping.is_set():
+            return False
+        try:
+            self._write_frames(frames, force_endpoint)
+        except (OSError, websocket.WebSocketException) as exc:
+            self._send_failed(exc)
+            return False
+        return True
+
+    def send_audio_now(self, pcm: bytes) -> bool:
+        """One frame; see :meth:`send_frames_now`."""
+        return self.send_frames_now((pcm,))
 
     def force_endpoint_now(self) -> bool:
         """ForceEndpoint on the caller's thread, after the audio it sent itself (see above)."""
-        return self._send_now(_OP_TEXT, protocol.FORCE_ENDPOINT)
+        return self.send_frames_now((), force_endpoint=True)
 
     def keep_alive(self) -> None:
         self._queue_text(protocol.KEEP_ALIVE)
@@ -206,22 +221,29 @@ class Session:
             raise ValueError(f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
                              f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le")
 
-    def _send_now(self, opcode: int, payload: bytes | str) -> bool:
-        if not self._begun.is_set() or self._stopping.is_set():
-            return False
-        try:
-            self._transmit(opcode, payload)
-        except (OSError, websocket.WebSocketException) as exc:
-            self._send_failed(exc)
-            return False
-        return True
+    def _write_frames(self, frames: Sequence[bytes], force_endpoint: bool) -> None:
+        """Audio (and ForceEndpoint) in one write, under websocket-client's own send lock, which
+        every other frame it sends (control texts, pongs, the close) also takes."""
+        ws = self._ws
+        parts = [websocket.ABNF.create_frame(pcm, _OP_BINARY).format() for pcm in frames]
+        if force_endpoint:
+            parts.append(websocket.ABNF.create_frame(protocol.FORCE_ENDPOINT, _OP_TEXT).format())
+        with ws.lock:
+            sock = ws.sock
+            if sock is None:
+                raise websocket.WebSocketConnectionClosedException("socket is already closed")
+            sock.sendall(b"".join(parts) if len(parts) > 1 else parts[0])
+        for pcm in frames:
+            self.frames_sent += 1
+            self.audio_bytes_sent += len(pcm)
+            if self._on_sent:
+                self._on_sent(_OP_BINARY, len(pcm))
+        if force_endpoint and self._on_sent:
+            self._on_sent(_OP_TEXT, len(protocol.FORCE_ENDPOINT))
 
     def _transmit(self, opcode: int, payload: bytes | str) -> None:
-        """The one place a frame goes on the wire (websocket-client locks each send)."""
+        """A control text from the sender thread (websocket-client locks each send)."""
         self._ws.send(payload, opcode)
-        if opcode == _OP_BINARY:
-            self.frames_sent += 1
-            self.audio_bytes_sent += len(payload)
         if self._on_sent:
             self._on_sent(opcode, len(payload))
 

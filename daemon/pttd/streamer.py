@@ -1,14 +1,16 @@
 """Streams one press's audio from the ring buffer into a session, then sends ForceEndpoint.
 
 A thread of its own so that neither the capture thread nor the controller ever waits on the
-network; it is the press's sender: it puts each frame on the wire itself
-(``Session.send_audio_now``), so a frame costs one wake-up from ring to wire, and its
-ForceEndpoint goes out on the same thread after its last frame, so it can never overtake
-the audio. It reads whole ``chunk`` frames from an absolute ring position: a backlog (pre-roll,
-audio captured while connecting) goes out at once but never more than ``max_lead_s`` ahead of
-real time, which keeps the server's "Audio Transmission Rate Exceeded" (3007) out of reach;
-then it follows the live audio. The end position, once known, is a whole number of chunks from
-the start, so every frame is exactly ``chunk`` long (always within the server's 50-1000 ms).
+network; it is the press's sender: it puts its frames on the wire itself
+(``Session.send_frames_now``), so the audio costs one wake-up from ring to wire, and the
+ForceEndpoint goes out in the same write as the last frame, so it can never overtake the audio.
+Each wake-up sends every whole ``chunk`` frame that has been captured (a capture period's
+worth) in one socket write. A backlog (pre-roll, audio captured while connecting) goes out at
+once but never more than ``max_lead_s`` ahead of real time, which keeps the server's "Audio
+Transmission Rate Exceeded" (3007) out of reach; then it follows the live audio. Once the end
+is known, the last frame takes the remainder (one to two chunks, split in two if that would pass
+the server's 1000 ms), so the turn ends exactly at the end of the post-roll and ForceEndpoint
+follows as soon as that audio is captured; every frame stays within the server's 50-1000 ms.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from .protocol import MAX_FRAME_MS, MIN_FRAME_MS
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,20 @@ class Streamer:
         self.chunk = chunk_samples
         self.sample_rate = sample_rate
         self.max_lead_s = max_lead_s
+        self._min_frame = MIN_FRAME_MS * sample_rate // 1000
+        self._max_frame = MAX_FRAME_MS * sample_rate // 1000
         self._post = post
         self._end: int | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _end and _claimed: finish() vs. the frames being sent
+        self._claimed = start_pos      # where the frames on their way to the wire end
         self._stop = threading.Event()
         self.cursor = start_pos
         self.samples_sent = 0
         self.lost_samples = 0
         self._t_first: float | None = None
+        # set (once) just before the ForceEndpoint is sent: the controller reads it when the
+        # final overtakes StreamDone on the way to its queue
+        self.force_endpoint_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -71,12 +81,17 @@ class Streamer:
         self._thread.start()
 
     def finish(self, end_pos: int) -> int:
-        """Stream up to ``end_pos`` rounded up to whole chunks; returns the actual end."""
-        span = max(0, end_pos - self.start_pos)
-        chunks = max(1, -(-span // self.chunk))
+        """Stream up to ``end_pos``; returns the actual end.
+
+        That is ``end_pos`` itself, unless less than one chunk would be left after the frames
+        already on their way (a legal frame is at least 50 ms): then one whole chunk past them.
+        """
         with self._lock:
-            self._end = self.start_pos + chunks * self.chunk
-            end = self._end
+            base = self._claimed
+            end = max(end_pos, base)
+            if end - base < self.chunk and (end > base or base == self.start_pos):
+                end = base + self.chunk
+            self._end = end
         self.ring.wake()
         return end
 
@@ -95,42 +110,88 @@ class Streamer:
 
     def _stream(self) -> None:
         while not self._stop.is_set():
-            end = self._end
-            if end is not None and self.cursor >= end:
+            allowed = self._frames_allowed()
+            if allowed == 0:  # a backlog is going out: keep within max_lead_s of real time
+                self._stop.wait(self._lead() - self.max_lead_s)
+                continue
+            with self._lock:
+                end = self._end
+                sizes = self._frames_ready(end, allowed)
+                self._claimed = self.cursor + sum(sizes)
+            if sizes:
+                if not self._send(sizes, end):
+                    return  # done, or the link failed (the session reports its close)
+            elif end is not None and self.cursor >= end:
+                self.force_endpoint_at = time.monotonic()
                 if self.session.force_endpoint_now():
-                    self._post(StreamDone(self, self.samples_sent, self.lost_samples,
-                                          time.monotonic()))
-                return  # else the link failed: the session reports its close
-            if self.ring.end < self.cursor + self.chunk:
-                self.ring.wait_for(self.cursor + self.chunk - 1, 0.5)
-                continue
-            if not self._pace():
-                continue
-            if not self._send_one():
-                return  # the link failed: the session reports its close, the press is replayed
+                    self._done()
+                return
+            else:
+                self.ring.wait_for(self._needed(end) - 1, 0.5)
 
-    def _pace(self) -> bool:
-        """Wait while we are more than max_lead_s ahead of real time; False if interrupted."""
-        if self._t_first is None:
-            return True
-        lead = self.samples_sent / self.sample_rate - (time.monotonic() - self._t_first)
-        if lead <= self.max_lead_s:
-            return True
-        self._stop.wait(lead - self.max_lead_s)
-        return False
+    def _frames_ready(self, end: int | None, allowed: int) -> list[int]:
+        """Sizes of the frames to send now: whole chunks as far as captured, then, once the
+        end is known and all of it is captured, the remainder as the last frame."""
+        chunk, ready = self.chunk, self.ring.end - self.cursor
+        if end is None:
+            return [chunk] * min(allowed, ready // chunk)
+        remaining = end - self.cursor
+        if remaining <= 0:
+            return []
+        whole, rest = divmod(remaining, chunk)
+        plain = whole if rest == 0 else max(0, whole - 1)
+        sizes = [chunk] * min(allowed, plain, ready // chunk)
+        tail = remaining - plain * chunk  # 0, or one to two chunks (less only after lost audio)
+        if len(sizes) == plain and tail and len(sizes) < allowed and ready >= remaining:
+            sizes += [tail] if tail <= self._max_frame else [tail // 2, tail - tail // 2]
+        return sizes
 
-    def _send_one(self) -> bool:
-        result = self.ring.read(self.cursor, self.chunk)
+    def _needed(self, end: int | None) -> int:
+        """The ring position the next frame waits for."""
+        if end is None or end - self.cursor >= 2 * self.chunk:
+            return self.cursor + self.chunk
+        return end
+
+    def _lead(self) -> float:
+        return self.samples_sent / self.sample_rate - (time.monotonic() - self._t_first)
+
+    def _frames_allowed(self) -> int:
+        """How many chunks may go out now without getting more than max_lead_s ahead."""
+        room = self.max_lead_s - (self._lead() if self._t_first is not None else 0.0)
+        if room < 0:
+            return 0
+        return max(1, int(room * self.sample_rate) // self.chunk)
+
+    def _send(self, sizes: list[int], end: int | None) -> bool:
+        """Send the frames (with ForceEndpoint after the last one of the turn); False when the
+        streamer is finished: the turn is done or the link failed."""
+        total = sum(sizes)
+        result = self.ring.read(self.cursor, total)
         if result.lost:
             self.lost_samples += result.lost
             log.warning("ring buffer overran: %d samples of this press were lost", result.lost)
-        data = result.data
-        if len(data) < self.chunk * 2:  # overrun left a short frame: pad to keep the frame legal
-            data = data + bytes(self.chunk * 2 - len(data))
-        if not self.session.send_audio_now(data):
+            with self._lock:
+                self.cursor = self._claimed = result.pos  # go on from the oldest audio held
+            return True
+        data, frames, off = result.data, [], 0
+        for n in sizes:
+            frame = data[off:off + 2 * n]
+            off += 2 * n
+            if n < self._min_frame:  # only after lost audio: pad to keep the frame legal
+                frame += bytes(2 * (self.chunk - n))
+            frames.append(frame)
+        last = end is not None and self.cursor + total >= end
+        if last:
+            self.force_endpoint_at = time.monotonic()
+        if not self.session.send_frames_now(frames, force_endpoint=last):
             return False
         if self._t_first is None:
             self._t_first = time.monotonic()
-        self.samples_sent += self.chunk
-        self.cursor = result.pos + self.chunk if result.lost else self.cursor + self.chunk
-        return True
+        self.samples_sent += sum(len(f) for f in frames) // 2
+        self.cursor += total
+        if last:
+            self._done()
+        return not last
+
+    def _done(self) -> None:
+        self._post(StreamDone(self, self.samples_sent, self.lost_samples, self.force_endpoint_at))
