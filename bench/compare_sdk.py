@@ -19,8 +19,8 @@ other on this machine:
 * ``bare``    websocket-client: a pacing loop that sends, and a reader thread (the floor).
 
 Every contender reads its frames from the WAV file as it goes (``wave.readframes``; pttd's WAV
-source does the same), opens the session, streams ``--seconds`` of audio, sends ForceEndpoint and
-waits for that turn's final. Figures:
+source reads its blocks with ``os.pread``), opens the session, streams ``--seconds`` of audio,
+sends ForceEndpoint and waits for that turn's final. Figures:
 
 * CPU per audio second: the process's own user+system CPU (``getrusage``, every thread, also
   threads that ended) from the start of connecting (pttd: the press) to the last final, divided
