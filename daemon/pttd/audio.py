@@ -174,7 +174,8 @@ class WavSource(_Source):
             k = 0
             while True:
                 k += 1
-                if self._asleep.acquire(timeout=max(0.0, t0 + k * self.period_s - time.monotonic())):
+                wait = max(0.0, t0 + k * self.period_s - time.monotonic())
+                if self._asleep.acquire(timeout=wait):
                     return
                 due = int(round(k * self.period_s * self.wav_rate))
                 self._deliver(self._conv.process(self._next_block(due - self.frames_played)))

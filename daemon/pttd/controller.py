@@ -380,7 +380,8 @@ class Controller:
             log.warning("press %d: final arrived after its wait ended; delivering it late",
                         press.press_id)
         streamer = press.streamer
-        if press.fe_sent_at is None and streamer is not None and streamer.force_endpoint_at:
+        if (not press.done and press.fe_sent_at is None and streamer is not None
+                and streamer.force_endpoint_at):
             # The server answered the ForceEndpoint before the streamer's StreamDone reached this
             # queue (the streamer marks it before sending, so the mark is there by now): this is
             # the press's last final, not a turn the server ended on silence mid-press.

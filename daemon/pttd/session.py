@@ -6,8 +6,9 @@ receiver thread connects, waits for ``Begin`` and reports everything through ``o
 ``force_endpoint_now``): the caller is a press's streamer, which already runs on a thread of its
 own, so a frame costs one thread wake-up from ring to wire and a ForceEndpoint can never overtake
 the audio before it. ``send_frames_now`` puts several frames (a capture period's worth, and the
-ForceEndpoint after a press's last one) on the wire in one socket write. Control messages the owner sends (``keep_alive``, ``update``, ``terminate``)
-go through a FIFO drained by the sender thread, so the owner never waits on the network.
+ForceEndpoint after a press's last one) on the wire in one socket write. Control messages the
+owner sends (``keep_alive``, ``update``, ``terminate``) go through a FIFO drained by the sender
+thread, so the owner never waits on the network.
 
 Every session ends with exactly one :class:`SessionClosed`, after any final it still held.
 """
