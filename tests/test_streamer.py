@@ -63,7 +63,7 @@ def test_the_turn_ends_exactly_at_the_end_and_the_last_frame_takes_the_remainder
     frames = received_audio(rec)
     assert [len(f) // 2 for f in frames] == [800] * 19 + [800 + 530]
     assert b"".join(frames) == pcm[start * 2:end * 2]
-    assert done.samples_sent == end - start and done.lost_samples == 0
+    assert done.streamer.samples_sent == end - start and done.streamer.lost_samples == 0
 
 
 def test_a_whole_number_of_chunks_needs_no_longer_last_frame(fake_v3):
@@ -112,7 +112,7 @@ def test_live_audio_then_an_end_set_while_streaming(fake_v3):
     assert actual == RATE // 2 + 6 * RATE // 10 + 1234
     assert b"".join(frames) == whole[:actual * 2]
     assert all(len(f) == 1600 for f in frames[:-1]) and 1600 <= len(frames[-1]) < 3200
-    assert done.samples_sent == actual
+    assert done.streamer.samples_sent == actual
 
 
 @pytest.mark.parametrize("end_pos", [0, 400])

@@ -356,15 +356,15 @@ class Controller:
         press = next((p for p in self._presses if p.streamer is done.streamer), None)
         if press is None or press.done or press.fe_sent_at is not None:
             return  # (its final overtook this report: _on_final has done the below)
-        self._force_endpoint_sent(press, done.streamer, done.force_endpoint_at)
+        self._force_endpoint_sent(press, done.streamer)
 
-    def _force_endpoint_sent(self, press: Press, streamer: Streamer, at: float) -> None:
+    def _force_endpoint_sent(self, press: Press, streamer: Streamer) -> None:
         """The press's audio and ForceEndpoint are on the wire: wait (bounded) for its final."""
         log.debug("press %d: ForceEndpoint sent on %s after %d samples", press.press_id,
                   press.session.name if press.session else "?", streamer.samples_sent)
         press.lost_samples += streamer.lost_samples
         press.audio_ms = (streamer.end - press.start_pos) * 1000 / self.s.sample_rate
-        press.fe_sent_at = at
+        press.fe_sent_at = streamer.force_endpoint_at
         # the short wait is for a press with nothing said; a replayed press may never have had
         # the chance to show its words, so it gets the full wait
         sure_empty = not press.heard_speech and press.attempts <= 1 and press.replay_pos is None
@@ -385,7 +385,7 @@ class Controller:
             # The server answered the ForceEndpoint before the streamer's StreamDone reached this
             # queue (the streamer marks it before sending, so the mark is there by now): this is
             # the press's last final, not a turn the server ended on silence mid-press.
-            self._force_endpoint_sent(press, streamer, streamer.force_endpoint_at)
+            self._force_endpoint_sent(press, streamer)
         now_wall = time.time()
         latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
         extra = {}

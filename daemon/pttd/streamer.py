@@ -31,12 +31,10 @@ MAX_LEAD_S = 2.0
 
 @dataclass(frozen=True)
 class StreamDone:
-    """Posted to the controller when the last frame and ForceEndpoint are sent."""
+    """Posted to the controller when the last frame and ForceEndpoint are sent (the streamer's
+    ``samples_sent``, ``lost_samples`` and ``force_endpoint_at`` are final by then)."""
 
     streamer: "Streamer"
-    samples_sent: int
-    lost_samples: int
-    force_endpoint_at: float   # monotonic time the ForceEndpoint was sent
 
 
 @dataclass(frozen=True)
@@ -194,4 +192,4 @@ class Streamer:
         return not last
 
     def _done(self) -> None:
-        self._post(StreamDone(self, self.samples_sent, self.lost_samples, self.force_endpoint_at))
+        self._post(StreamDone(self))
