@@ -9,7 +9,9 @@ process, on 127.0.0.1), through four contenders, each in its own fresh process, 
 other on this machine:
 
 * ``pttd``    the whole daemon: the installed ``pttd run`` code path (``pttd.cli.main``) with a
-              WAV source, mock GPIO and jsonl stdout; one press at READY=1 and a release after
+              WAV source, mock GPIO LEDs, jsonl stdout and (``--journal``, on where the test
+              harness can start a private systemd-journald) journald records; one press at
+              READY=1 and a release after
               ``--seconds`` of audio via the control socket, then ``--presses`` short presses
               for the release -> ForceEndpoint figures, then 5 s idle.
 * ``session`` pttd's ``Session`` alone, fed by a pacing loop (no daemon around it).
@@ -45,6 +47,9 @@ sends ForceEndpoint and waits for that turn's final. Figures:
   handing over the final: pttd = the final line written to stdout; SDK = its Turn handler
   called; session/bare = the final parsed on the reader thread.
 
+Tail percentiles: with ``--rounds`` above 1 the table also shows each tail figure's p99 over
+the samples of every round pooled (p99 of one round's 40 samples is just its largest).
+
 Timing instrumentation (timestamps appended to lists, ~1 us each) is the same kind for all:
 pttd's process wraps a few methods to note times (no behaviour changes); the SDK's socket
 ``send`` is wrapped on the instance to note when each frame left. Prints figures, never fails.
@@ -65,6 +70,8 @@ from pathlib import Path
 # children import only what they need: the parent's tools are imported in the parent's functions
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests.journald (the private journald) for the parent
+    sys.path.insert(1, str(ROOT))
 KEY = "bench-key"
 RATE = 16000
 CHUNK_MS = int(os.environ.get("PTTD_BENCH_CHUNK_MS", "50"))   # --chunk-ms, passed to children
@@ -592,7 +599,22 @@ def run_pacer(kind: str, server: Server, wav: Path, seconds: float, tmp: Path) -
 
 def run_pttd(server: Server, wav: Path, b_start_ms: int, seconds: float, presses: int,
              tmp: Path, idle_s: float = 5.0, spy: str | None = None,
-             cprofile: str | None = None) -> dict:
+             cprofile: str | None = None, journal: bool = False) -> dict:
+    """One pttd round; with ``journal`` inside a private systemd-journald (tests/journald.py),
+    so its journald records cost what they cost under systemd."""
+    if not journal:
+        return _run_pttd(server, wav, b_start_ms, seconds, presses, tmp, idle_s, spy, cprofile,
+                         None)
+    from tests.journald import Journald
+
+    with Journald() as jd:
+        r = _run_pttd(server, wav, b_start_ms, seconds, presses, tmp, idle_s, spy, cprofile, jd)
+        r["journal_finals"] = len(jd.records("SYSLOG_IDENTIFIER=pttd", "PTTD_EVENT=final"))
+    return r
+
+
+def _run_pttd(server, wav, b_start_ms, seconds, presses, tmp, idle_s, spy, cprofile,
+              jd) -> dict:
     import signal
     import socket
 
@@ -619,7 +641,7 @@ pin_factory = "mock"
 socket = "{sock_path}"
 [output]
 stdout = "jsonl"
-journal = false
+journal = {"true" if jd is not None else "false"}
 """)
     out, t0_file = tmp / "pttd.json", tmp / "wav_t0"
     notify = tmp / "notify"
@@ -634,6 +656,8 @@ journal = false
     if spy:  # py-spy cannot attach to a running process in this container; it launches instead
         argv = ["py-spy", "record", "--nonblocking", "--threads", "-r", "250", "-f", "raw", "-o", spy,
                 "--"] + argv
+    if jd is not None:
+        argv = jd.command(argv, cwd=str(ROOT))
     t_spawn = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -778,7 +802,8 @@ journal = false
             "backlog_frames": backlog, "capture_late": capture_late,
             "fe_raw": fe_raw, "fe_own": fe_own, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(first),
             "idle_ms_per_s": idle_ms_per_s, "modules": len(n["modules"]),
-            "switchinterval": n["switchinterval"]}
+            "switchinterval": n["switchinterval"], "journal": jd is not None,
+            "finals_out": len(finals)}
 
 
 def summarise(r: dict) -> dict:
@@ -791,6 +816,8 @@ def summarise(r: dict) -> dict:
         out[f"{name}_max"] = max(vals) if vals else float("nan")
         out[f"{name}_n"] = len(vals)
     if r["kind"] == "pttd":
+        out.update(journal=float(r["journal"]), finals_out=r["finals_out"],
+                   journal_finals=r.get("journal_finals", float("nan")))
         out.update(ready_ms=r["ready_ms"], idle_ms_per_s=r["idle_ms_per_s"],
                    backlog_frames=r["backlog_frames"], cap_p50=pct(r["capture_late"], 50),
                    cap_p99=pct(r["capture_late"], 99), switchinterval=r["switchinterval"])
@@ -798,8 +825,13 @@ def summarise(r: dict) -> dict:
     return out
 
 
-def aggregate(rounds: list[dict]) -> dict:
-    """Median of each figure over the rounds (a figure missing from a round counts as absent)."""
+POOLED = (("lateness", "lat"), ("fe_own", "fe_own"), ("fe_raw", "fe_raw"),
+          ("rx_to_final", "rx"))
+
+
+def aggregate(rounds: list[dict], raw: list[dict]) -> dict:
+    """Median of each figure over the rounds (a figure missing from a round counts as absent),
+    and the tail figures' p99 over all rounds' samples pooled."""
     import statistics
 
     keys = {k for r in rounds for k in r}
@@ -809,6 +841,10 @@ def aggregate(rounds: list[dict]) -> dict:
         out[k] = statistics.median(vals) if vals else float("nan")
     out["rounds"] = len(rounds)
     out["cpu_rounds"] = [r["cpu_ms_per_s"] for r in rounds]
+    for key, name in POOLED:
+        vals = [v for r in raw for v in (r.get(key) or [])]
+        out[f"{name}_pooled_p99"] = pct(vals, 99)
+        out[f"{name}_pooled_n"] = len(vals)
     return out
 
 
@@ -837,7 +873,15 @@ def fmt_table(results: dict[str, dict]) -> str:
         ("  Turn samples per round", "rx_n", "{:.0f}"),
         ("frames timed per round", "frames", "{:.0f}"),
     ]
-    width = 42
+    if max(r["rounds"] for r in results.values()) > 1:
+        rows += [
+            ("send lateness p99, rounds pooled, ms", "lat_pooled_p99", "{:.2f}"),
+            ("last post-roll sample -> FE p99, pooled, ms", "fe_own_pooled_p99", "{:.2f}"),
+            ("release + post-roll -> FE p99, pooled, ms", "fe_raw_pooled_p99", "{:.1f}"),
+            ("Turn received -> final p99, pooled, ms", "rx_pooled_p99", "{:.2f}"),
+            ("  Turn samples pooled", "rx_pooled_n", "{:.0f}"),
+        ]
+    width = 44
     lines = ["| figure | " + " | ".join(names[k] for k in kinds) + " | pttd/SDK |",
              "|---|" + "---|" * (len(kinds) + 1)]
     ratios = {"cpu_ms_per_s", "rss_mb", "import_ms", "first_frame_ms", "lat_p50", "lat_p99", "lat_max"}
@@ -860,7 +904,9 @@ def fmt_table(results: dict[str, dict]) -> str:
                      f"no press) {p['idle_ms_per_s']:.2f} ms CPU per s; {p['backlog_frames']:.0f} "
                      f"pre-roll/connect backlog frames not timed; capture thread (WAV) lateness "
                      f"p50/p99 {p['cap_p50']:.2f} / {p['cap_p99']:.2f} ms; "
-                     f"switch interval {p['switchinterval'] * 1000:g} ms")
+                     f"switch interval {p['switchinterval'] * 1000:g} ms; journald "
+                     + (f"on (finals: {p['journal_finals']:.0f} in the journal, "
+                        f"{p['finals_out']:.0f} on stdout)" if p["journal"] else "off"))
         threads = sorted(((k[7:], v) for k, v in p.items() if k.startswith("thread:")),
                          key=lambda kv: -kv[1])
         lines.append("pttd daemon CPU by thread during the turn (ms per audio s): " + ", ".join(
@@ -928,10 +974,21 @@ def main() -> None:
     ap.add_argument("--json", help="write every figure and sample here")
     ap.add_argument("--py-spy", dest="spy", metavar="FILE",
                     help="run the pttd daemon under py-spy record (raw format) into FILE")
+    ap.add_argument("--journal", choices=("auto", "on", "off"), default="auto",
+                    help="pttd writes its journald records to a private systemd-journald "
+                         "(tests/journald.py; needs root); auto = where that harness can run")
     ap.add_argument("--cprofile", metavar="DIR",
                     help="cProfile every pttd thread (thread CPU time) into DIR/*.prof")
     args = ap.parse_args()
     kinds = [k for k in CONTENDERS if k in args.only.split(",")]
+    journal = args.journal == "on"
+    if args.journal == "auto" and "pttd" in kinds:
+        from tests.journald import unavailable_reason
+
+        reason = unavailable_reason()
+        journal = reason is None
+        if reason:
+            print(f"compare_sdk: pttd runs without journald ({reason})", flush=True)
     global CHUNK_MS, FRAME_S, FRAME_SAMPLES, PERIOD_MS
     CHUNK_MS, FRAME_S, FRAME_SAMPLES = args.chunk_ms, args.chunk_ms / 1000, RATE * args.chunk_ms // 1000
     PERIOD_MS = args.period_ms
@@ -952,13 +1009,13 @@ def main() -> None:
                 print(f"  round {i + 1}: {kind} ...", flush=True)
                 if kind == "pttd":
                     r = run_pttd(server, wav, b_start, args.seconds, args.presses, tmp,
-                                 spy=args.spy, cprofile=args.cprofile)
+                                 spy=args.spy, cprofile=args.cprofile, journal=journal)
                 else:
                     r = run_pacer(kind, server, wav, args.seconds, tmp)
                 raw[kind].append(r)
     finally:
         server.close()
-    results = {k: aggregate([summarise(r) for r in rs]) for k, rs in raw.items()}
+    results = {k: aggregate([summarise(r) for r in rs], rs) for k, rs in raw.items()}
     print(fmt_table(results))
     if args.plot:
         plot({k: rs[-1] for k, rs in raw.items()}, args.plot)

@@ -380,3 +380,61 @@ def _wait_until(predicate, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.01)
+
+
+class Threads:
+    """Notes the thread each event arrives on."""
+
+    def __init__(self, inline: bool):
+        self.inline = inline
+        self.threads: list[threading.Thread] = []
+        self.closed = False
+
+    def emit(self, event):
+        self.threads.append(threading.current_thread())
+
+    def close(self):
+        self.closed = True
+
+
+def test_an_inline_sink_is_called_on_the_emitting_thread_and_gets_no_worker():
+    before = {t.name for t in threading.enumerate()}
+    inline, threaded, silent = Threads(inline=True), Threads(inline=False), StdoutSink("none")
+    outputs = Outputs([inline, threaded, silent])
+    started = {t.name for t in threading.enumerate()} - before
+    outputs.emit(FINAL)
+    outputs.emit(STATE)
+    assert inline.threads == [threading.current_thread()] * 2  # delivered before emit returned
+    _wait_until(lambda: len(threaded.threads) == 2)
+    assert threading.current_thread() not in threaded.threads
+    assert started == {"pttd-out-Threads"}  # one worker: not for the inline sink, nor for "none"
+    outputs.close()
+    assert inline.closed and threaded.closed
+
+
+def test_a_failing_inline_sink_is_logged_once_and_never_raises(caplog):
+    class BrokenInline(Broken):
+        inline = True
+
+    broken, good = BrokenInline(), Collect()
+    outputs = Outputs([broken, good])
+    for event in (STATE, FINAL, ERROR):
+        outputs.emit(event)
+    outputs.close()
+    assert good.events == [STATE, FINAL, ERROR] and broken.calls == 3
+    assert len([r for r in caplog.records if r.message.startswith("output BrokenInline")]) == 1
+
+
+def test_kinds_a_sink_skips_are_not_queued_for_its_worker():
+    class NoPartials(Collect):
+        skips = frozenset({"partial"})
+
+    partial = events.partial_event("turn the", turn_order=3, session_id="sess-1")
+    picky, every = NoPartials(), Collect()
+    outputs = Outputs([picky, every])
+    for event in (STATE, partial, FINAL):
+        outputs.emit(event)
+    outputs.close()
+    assert picky.events == [STATE, FINAL]
+    assert every.events == [STATE, partial, FINAL]
+    assert JournalSink("universal-streaming-english").skips == {"partial"}

@@ -178,6 +178,8 @@ class ControlServer:
 
     def publish(self, event: dict) -> None:
         """Queue ``event`` for every subscriber without blocking; full queues mark a drop."""
+        if not self._subs:  # nobody listens (the usual case): skip the encoding
+            return
         try:
             line = encode(event)
         except (TypeError, ValueError):

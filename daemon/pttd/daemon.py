@@ -298,8 +298,11 @@ class Daemon:
 
 
 class _LateSink:
-    """Forwards events to the control socket once it exists (it starts after capture)."""
+    """Forwards events to the control socket once it exists (it starts after capture).
 
+    Inline: ``ControlServer.publish`` only queues for the subscribers and wakes its thread."""
+
+    inline = True
     target: Callable[[dict], None] | None = None
 
     def emit(self, event: dict) -> None:

@@ -13,9 +13,9 @@ SIGTERM, and SIGKILL one second later), is logged with its exit status and retri
 ``retries`` times after a short, growing pause. A program that cannot be started at all is logged
 and not retried (it will not appear by itself within seconds).
 
-Threading: ``emit`` runs on this sink's Outputs worker and only queues finals (bounded:
-``queue_size``; when full the newest final is dropped and logged), so a slow hook never holds up
-the Outputs worker, let alone the controller. One hook thread runs the programs one at a time, in
+Threading: ``emit`` only queues finals (bounded: ``queue_size``; when full the newest final is
+dropped and logged), so the sink is ``inline``: Outputs calls it on the controller's thread, and a
+slow hook never holds the controller up. One hook thread runs the programs one at a time, in
 order. ``close`` lets the current run finish for a short grace, then kills it; queued finals left
 then are dropped with a warning.
 """
@@ -45,6 +45,8 @@ _STOP = object()
 class HookSink:
     """Runs ``argv`` once per final event, on its own thread; see the module docstring."""
 
+    inline = True  # emit only queues (put_nowait): Outputs calls it on the controller's thread
+
     def __init__(self, argv: Sequence[str], timeout_s: float = 10.0, retries: int = 2,
                  queue_size: int = 32, close_grace_s: float = 1.0):
         if not argv:
@@ -65,7 +67,7 @@ class HookSink:
         self._thread = threading.Thread(target=self._run, name="pttd-hook", daemon=True)
         self._thread.start()
 
-    # --- sink API (the Outputs worker thread) -----------------------------------------------
+    # --- sink API (the controller's thread) -------------------------------------------------
 
     def emit(self, event: dict) -> None:
         if event.get("event") != "final" or self._stopping.is_set():

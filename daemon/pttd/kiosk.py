@@ -160,7 +160,9 @@ class KioskServer:
     def client_count(self) -> int:
         return len(self._clients)
 
-    # --- sink: called from the Outputs worker thread -------------------------------------------
+    # --- sink: called on the controller's thread (inline: it never blocks) -------------------
+
+    inline = True
 
     def emit(self, event: dict) -> None:
         """Record what a new client's snapshot needs; schedule the broadcast. Never blocks."""

@@ -178,6 +178,7 @@ class MqttBridge:
         if password_file and not username:
             raise MqttError("mqtt.password_file needs mqtt.username")
         self.publish_partials = publish_partials
+        self.skips = frozenset() if publish_partials else frozenset({"partial"})  # see Outputs
         self.ha_discovery = ha_discovery
         self.keepalive_s = keepalive_s
         self._on_command = on_command

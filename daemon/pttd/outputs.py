@@ -3,7 +3,9 @@
 The controller calls ``Outputs.emit(event)`` and must never stall on an output or see one
 raise. So ``Outputs`` gives each sink its own small worker thread and bounded queue: a
 stdout pipe nobody reads, or a wedged journald, blocks only its own worker, the others carry on.
-Sinks themselves stay plain synchronous objects with ``emit(event)`` and ``close()``.
+Sinks themselves stay plain synchronous objects with ``emit(event)`` and ``close()``. A sink
+whose ``emit`` only queues without blocking (the control socket's) says so with
+``inline = True`` and is called on the caller's thread: a worker would only add a wake-up.
 """
 from __future__ import annotations
 
@@ -31,6 +33,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def is_inline(sink: Sink) -> bool:
+    """True for a sink that asks to be called on the emitting thread (its emit never blocks)."""
+    return bool(getattr(sink, "inline", False))
+
+
+def skipped_kinds(sink: Sink) -> frozenset:
+    """The event kinds a sink ignores (its ``skips``): they are not queued for its worker, which
+    would only wake up to drop them (journald and partials, several a second while speaking)."""
+    return frozenset(getattr(sink, "skips", ()))
+
+
 # --------------------------------------------------------------------------- stdout
 
 class StdoutSink:
@@ -47,6 +60,7 @@ class StdoutSink:
         self.mode = mode
         self.stream = sys.stdout if stream is None else stream
         self.enabled = mode != "none"
+        self.inline = not self.enabled  # "none" never writes: no worker thread for it
 
     def emit(self, event: dict) -> None:
         if not self.enabled:
@@ -131,6 +145,8 @@ class JournalSink:
     records silently when journald is absent, so the socket is checked here and its absence
     (or a send error) is logged once per outage.
     """
+
+    skips = frozenset({"partial"})  # journal_fields() has no record for them
 
     def __init__(self, speech_model: str, send: Callable[..., None] | None = None,
                  socket_path: str = JOURNAL_SOCKET):
@@ -266,32 +282,34 @@ class Outputs:
     Each sink gets a worker thread fed by a bounded queue (``queue_size`` events). When a
     sink falls that far behind, new events for *that* sink are dropped and counted (logged
     once per backlog): memory stays bounded and the other sinks are unaffected.
-    ``threaded=False`` calls the sinks inline (tests, short-lived commands).
+    ``threaded=False`` calls every sink inline (tests, short-lived commands); an ``inline``
+    sink (see ``is_inline``) is always called inline.
     """
 
     def __init__(self, sinks: Iterable[Sink], threaded: bool = True, queue_size: int = 256):
         self.sinks = list(sinks)
-        self._workers = [_SinkWorker(s, queue_size) for s in self.sinks] if threaded else None
+        self._inline = [s for s in self.sinks if not threaded or is_inline(s)]
+        self._workers = [_SinkWorker(s, queue_size) for s in self.sinks
+                         if threaded and not is_inline(s)]
         self._inline_failed: set[int] = set()
 
     def emit(self, event: dict) -> None:
-        if self._workers is not None:
-            for worker in self._workers:
+        kind = event.get("event")
+        for worker in self._workers:
+            if kind not in worker.skips:
                 worker.put(event)
-            return
-        for sink in self.sinks:
+        for sink in self._inline:
             if _deliver(sink, event, first_failure=id(sink) not in self._inline_failed):
                 continue
             self._inline_failed.add(id(sink))
 
     def close(self, timeout: float = 2.0) -> None:
         """Deliver what is queued (up to ``timeout`` seconds in all), then close every sink."""
-        if self._workers is not None:
-            for worker in self._workers:
-                worker.finish()
-            deadline = _deadline(timeout)
-            for worker in self._workers:
-                worker.join(deadline)
+        for worker in self._workers:
+            worker.finish()
+        deadline = _deadline(timeout)
+        for worker in self._workers:
+            worker.join(deadline)
         for sink in self.sinks:
             try:
                 sink.close()
@@ -307,6 +325,7 @@ class _SinkWorker:
 
     def __init__(self, sink: Sink, queue_size: int):
         self.sink = sink
+        self.skips = skipped_kinds(sink)
         self._queue = Mailbox(queue_size)
         self._dropped = 0
         self._failed = False

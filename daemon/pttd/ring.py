@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAX_GAPS = 1024  # bounded memory even if a flaky device produces a gap every period
 
 
-@dataclass(frozen=True)
-class ReadResult:
-    """What ``RingBuffer.read`` returns.
+class ReadResult(NamedTuple):
+    """What ``RingBuffer.read`` returns (a tuple: the streamer reads one every capture period,
+    and a frozen dataclass costs several times as much to make).
 
     ``data`` holds the samples ``[pos, next_pos)``. ``lost`` counts requested samples that were
     already overwritten (the data then begins at the oldest one still held). ``gaps`` lists the
@@ -29,7 +29,7 @@ class ReadResult:
     pos: int
     next_pos: int
     lost: int = 0
-    gaps: list[tuple[int, int]] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = []  # never mutated: each read with gaps builds its own list
 
 
 class RingBuffer:
@@ -160,11 +160,15 @@ class RingBuffer:
     def read(self, pos: int, max_samples: int) -> ReadResult:
         """Up to ``max_samples`` from ``pos`` (fewer if the writer has not got there yet)."""
         with self._lock:
-            start, end = self.start, self._end
-            lost = max(0, start - pos)
-            pos = max(pos, start)
+            end = self._end
+            start = end - self.capacity
+            lost = start - pos if start > pos else 0
+            if lost:
+                pos = start
             n = max(0, min(int(max_samples), end - pos))
             data = self._copy(pos, n)
+            if not self._gaps:
+                return ReadResult(data, pos, pos + n, lost, [])
             gaps = [(max(s, pos), min(e, pos + n)) for s, e in self._gaps
                     if s < pos + n and e > pos]
         return ReadResult(data, pos, pos + n, lost, gaps)

@@ -124,8 +124,9 @@ class Streamer:
                 if self.session.force_endpoint_now():
                     self._done()
                 return
-            else:
-                self.ring.wait_for(self._needed(end) - 1, 0.5)
+            # returns at once while a backlog lasts; live, the next period wakes it: one pass
+            # of this loop per capture period
+            self.ring.wait_for(self._needed(self._end) - 1, 0.5)
 
     def _frames_ready(self, end: int | None, allowed: int) -> list[int]:
         """Sizes of the frames to send now: whole chunks as far as captured, then, once the
@@ -171,12 +172,13 @@ class Streamer:
             with self._lock:
                 self.cursor = self._claimed = result.pos  # go on from the oldest audio held
             return True
-        data, frames, off = result.data, [], 0
+        data, frames, off, padding = result.data, [], 0, 0
         for n in sizes:
             frame = data[off:off + 2 * n]
             off += 2 * n
             if n < self._min_frame:  # only after lost audio: pad to keep the frame legal
                 frame += bytes(2 * (self.chunk - n))
+                padding += self.chunk - n
             frames.append(frame)
         last = end is not None and self.cursor + total >= end
         if last:
@@ -185,7 +187,7 @@ class Streamer:
             return False
         if self._t_first is None:
             self._t_first = time.monotonic()
-        self.samples_sent += sum(len(f) for f in frames) // 2
+        self.samples_sent += total + padding
         self.cursor += total
         if last:
             self._done()
