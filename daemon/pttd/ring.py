@@ -28,8 +28,8 @@ class ReadResult(NamedTuple):
     data: bytes
     pos: int
     next_pos: int
-    lost: int = 0
-    gaps: list[tuple[int, int]] = []  # never mutated: each read with gaps builds its own list
+    lost: int
+    gaps: list[tuple[int, int]]  # no default: a shared default list could be mutated
 
 
 class RingBuffer:
@@ -240,7 +240,7 @@ class Snapshot:
         pos = max(pos, self.start)
         n = max(0, min(max_samples, self.end - pos))
         off = (pos - self.start) * 2
-        return ReadResult(self._data[off:off + n * 2], pos, pos + n, lost)
+        return ReadResult(self._data[off:off + n * 2], pos, pos + n, lost, [])
 
     def wait_for(self, pos: int, timeout: float) -> bool:
         return self.end > pos  # complete: nothing more will come
