@@ -11,9 +11,9 @@ other on this machine:
 * ``pttd``    the whole daemon: the installed ``pttd run`` code path (``pttd.cli.main``) with a
               WAV source, mock GPIO LEDs, jsonl stdout and (``--journal``, on where the test
               harness can start a private systemd-journald) journald records; one press at
-              READY=1 and a release after
-              ``--seconds`` of audio via the control socket, then ``--presses`` short presses
-              for the release -> ForceEndpoint figures, then 5 s idle.
+              READY=1 and a release after ``--seconds`` of audio via the control socket, then
+              ``--presses`` short presses for the release -> ForceEndpoint figures, then 5 s
+              idle.
 * ``session`` pttd's ``Session`` alone, fed by a pacing loop (no daemon around it).
 * ``sdk``     ``assemblyai.streaming.v3.RealTimeTranscriber`` fed by the same pacing loop
               (``api_host="ws://127.0.0.1:PORT"``: the SDK builds ``ws://`` URLs itself when
