@@ -45,7 +45,9 @@ sends ForceEndpoint and waits for that turn's final. Figures:
   The others: from the last frame's deadline to ForceEndpoint on the wire (one per run).
 * Turn -> delivered: the server sending a turn's formatted end-of-turn Turn to the client
   handing over the final: pttd = the final line written to stdout; SDK = its Turn handler
-  called; session/bare = the final parsed on the reader thread.
+  called; session/bare = the final parsed on the reader thread. Below the table, pttd's is
+  split at its hand-offs (receiver -> controller -> Outputs -> stdout worker -> written), for
+  turns the server ended mid-press and for the finals after a release, with the slowest five.
 
 Tail percentiles: with ``--rounds`` above 1 the table also shows each tail figure's p99 over
 the samples of every round pooled (p99 of one round's 40 samples is just its largest).
@@ -379,7 +381,8 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     from pttd import audio, cli, controller, outputs, ring, session, streamer
 
     notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "press": [],
-             "release": [], "finals": [], "wav_t0": None}
+             "release": [], "finals": [], "ctl": [], "emitted": [],
+             "wav_t0": None}
 
     # every thread's CPU when it ends (session threads end before the last snapshot is taken);
     # with $PTTD_BENCH_CPROFILE=DIR also a cProfile per thread, timed in thread CPU time
@@ -486,16 +489,36 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     controller.Controller._press, controller.Controller._release = on_press, on_release
 
+    on_final = controller.Controller._on_final
+
+    def timed_on_final(self, press, session_, final):
+        # Turn -> final by stage: when the controller took the final, and when it was done with it
+        t_in = time.monotonic()
+        on_final(self, press, session_, final)
+        notes["ctl"].append([t_in, time.monotonic(), session_.id, final.turn.turn_order])
+
+    controller.Controller._on_final = timed_on_final
+
+    outputs_emit = outputs.Outputs.emit
+
+    def timed_outputs_emit(self, event):
+        if event.get("event") == "final":
+            notes["emitted"].append([time.monotonic(), event["session_id"], event["turn_order"]])
+        outputs_emit(self, event)
+
+    outputs.Outputs.emit = timed_outputs_emit
+
     emit = outputs.StdoutSink.emit
 
     def sink_emit(self, event):
+        t_in = time.monotonic()
         emit(self, event)
         if event.get("event") == "final":
             if event["press_id"] == 1 and event["latency_ms"] > 0:
                 notes["threads1"] = thread_cpu_ns()
             notes["finals"].append([time.monotonic(), cpu_now(), event["turn_order"],
                                     event["session_id"], event["press_id"], event["audio_ms"],
-                                    event["latency_ms"]])
+                                    event["latency_ms"], t_in])
 
     outputs.StdoutSink.emit = sink_emit
 
@@ -785,6 +808,19 @@ journal = {"true" if jd is not None else "false"}
     t2f = [(t - eot[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in eot]
     got = eot_received(n["rx"])
     rx2f = [(t - got[(sid, o)]) * 1000 for t, _, o, sid, *_ in n["finals"] if (sid, o) in got]
+    # the same, stage by stage: receiver -> the controller took it -> handed it to Outputs ->
+    # the stdout worker began writing it -> written; then the controller's whole handling of it
+    # and whether the final came after a release (a ForceEndpoint)
+    ctl = {(sid, o): (t_in, t_out) for t_in, t_out, sid, o in n["ctl"]}
+    emitted = {(sid, o): t for t, sid, o in n["emitted"]}
+    stages = []
+    for t, _, o, sid, _p, _a, latency, t_w in n["finals"]:
+        key = (sid, o)
+        if key in got and key in ctl and key in emitted:
+            t_in, t_out = ctl[key]
+            stages.append([(t_in - got[key]) * 1000, (emitted[key] - t_in) * 1000,
+                           (t_w - emitted[key]) * 1000, (t - t_w) * 1000,
+                           (t - got[key]) * 1000, (t_out - t_in) * 1000, latency > 0])
     per_thread: dict[str, float] = {}
     t_end1 = f1[0]
     last = dict(n["threads1"])
@@ -800,7 +836,8 @@ journal = {"true" if jd is not None else "false"}
             "first_frame_ms": (sessions[0]["binary"][0] - t_spawn) * 1000,
             "ready_ms": (t_ready - t_spawn) * 1000, "lateness": lat, "age": age, "lat_t": lat_t,
             "backlog_frames": backlog, "capture_late": capture_late,
-            "fe_raw": fe_raw, "fe_own": fe_own, "turn_to_final": t2f, "rx_to_final": rx2f, "frames": len(first),
+            "fe_raw": fe_raw, "fe_own": fe_own, "turn_to_final": t2f, "rx_to_final": rx2f,
+            "final_stages": stages, "frames": len(first),
             "idle_ms_per_s": idle_ms_per_s, "modules": len(n["modules"]),
             "switchinterval": n["switchinterval"], "journal": jd is not None,
             "finals_out": len(finals)}
@@ -914,6 +951,28 @@ def fmt_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def fmt_stages(stages: list[list]) -> str:
+    """pttd's Turn received -> final delivered, split at its two thread hand-offs, all rounds."""
+    if not stages:
+        return ""
+    names = ("receiver -> controller", "controller -> Outputs", "Outputs -> stdout worker",
+             "stdout write", "whole", "controller's whole handling")
+    lines = [f"pttd Turn -> final by stage, {len(stages)} finals, all rounds (ms):"]
+    for kind, pick in (("mid-press", False), ("after release", True)):
+        sel = [st for st in stages if st[6] is pick]
+        if sel:
+            cols = ", ".join(f"{name} {pct([st[i] for st in sel], 50):.2f} / "
+                             f"{pct([st[i] for st in sel], 99):.2f}"
+                             for i, name in enumerate(names))
+            lines.append(f"  {kind} ({len(sel)}), p50 / p99: {cols}")
+    worst = sorted(stages, key=lambda st: st[4])[-5:]
+    lines.append("  the 5 slowest (" + " + ".join(names[:4]) + f" = whole; {names[5]}): "
+                 + "; ".join(" + ".join(f"{v:.2f}" for v in st[:4]) + f" = {st[4]:.2f}"
+                             + f"; {st[5]:.2f}" + (" after release" if st[6] else "")
+                             for st in reversed(worst)))
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, dict], path: str) -> None:
     import matplotlib
 
@@ -1017,6 +1076,8 @@ def main() -> None:
         server.close()
     results = {k: aggregate([summarise(r) for r in rs], rs) for k, rs in raw.items()}
     print(fmt_table(results))
+    if raw.get("pttd"):
+        print(fmt_stages([st for r in raw["pttd"] for st in r["final_stages"]]))
     if args.plot:
         plot({k: rs[-1] for k, rs in raw.items()}, args.plot)
         print(f"plot: {args.plot} (last round)")

@@ -12,8 +12,8 @@ from gpiozero import LED
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from pttd.events import State
-from pttd.peripherals import (DEFAULT_PATTERNS, ButtonInput, Pattern, PeripheralError, StatusLeds,
-                              make_pin_factory, parse_pattern)
+from pttd.peripherals import (DEFAULT_PATTERNS, ButtonInput, LedThread, Pattern, PeripheralError,
+                              StatusLeds, make_pin_factory, parse_pattern)
 
 RGB = [5, 6, 13]
 
@@ -186,6 +186,82 @@ def test_led_override_pattern(factory):
     show_fresh(leds, factory, [27], State.IDLE)
     history(factory.pin(27), [(0, False), (0, True)])
     assert leds.shown == Pattern("on")
+
+
+# --- the LED thread (how the daemon drives the LEDs) ---------------------------------------------
+
+class HeldLeds(StatusLeds):
+    """Real StatusLeds whose ``show`` can be held at its start, noting the thread it ran on."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.drawn: list[tuple[State, str]] = []
+
+    def show(self, state):
+        self.gate.wait(5)
+        self.drawn.append((state, threading.current_thread().name))
+        super().show(state)
+
+
+def test_led_thread_draws_states_on_its_own_thread(factory):
+    leds = HeldLeds("led", [27], pin_factory=factory)
+    painter = LedThread(leds)
+    painter.start()
+    try:
+        pin = factory.pin(27)
+        painter.show(State.LISTENING)
+        assert wait_for(lambda: pin.state == 1)
+        painter.show(State.CONNECTING)
+        assert wait_for(lambda: len(pin.states) >= 4)  # blinking
+        painter.show(State.IDLE)
+        assert wait_for(lambda: leds.shown == Pattern("off") and pin.state == 0)
+        assert [s for s, _ in leds.drawn] == [State.LISTENING, State.CONNECTING, State.IDLE]
+        assert {name for _, name in leds.drawn} == {"pttd-leds"}
+    finally:
+        painter.close()
+    assert not painter._thread.is_alive()
+    assert leds._device is None  # pins released
+
+
+def test_led_thread_show_never_waits_and_skips_states_that_went_by(factory):
+    leds = HeldLeds("led", [27], pin_factory=factory)
+    painter = LedThread(leds)
+    painter.start()
+    try:
+        leds.gate.clear()
+        painter.show(State.CONNECTING)  # the thread takes it and is held
+        assert wait_for(lambda: painter._doorbell.qsize() == 0)
+        started = time.monotonic()
+        for state in (State.LISTENING, State.FINALIZING, State.ERROR, State.IDLE):
+            painter.show(state)
+        assert time.monotonic() - started < 0.5  # the controller was never held up
+        leds.gate.set()
+        assert wait_for(lambda: leds.shown == Pattern("off"))
+        assert wait_for(lambda: painter._doorbell.qsize() == 0)
+        assert [s for s, _ in leds.drawn] == [State.CONNECTING, State.IDLE]
+        assert factory.pin(27).state == 0
+    finally:
+        leds.gate.set()
+        painter.close()
+
+
+def test_led_thread_survives_a_failing_draw(factory, caplog):
+    leds = HeldLeds("led", [27], pin_factory=factory)
+    painter = LedThread(leds)
+    painter.start()
+    try:
+        real = leds.patterns
+        leds.patterns = {}   # every lookup fails: a bug in drawing must not end the thread
+        painter.show(State.LISTENING)
+        assert wait_for(lambda: "cannot show" in caplog.text)
+        leds.patterns = real
+        painter.show(State.LISTENING)
+        assert wait_for(lambda: factory.pin(27).state == 1)
+    finally:
+        painter.close()
+    assert not painter._thread.is_alive()
 
 
 # --- PWM LED --------------------------------------------------------------------------------------
@@ -387,3 +463,46 @@ def test_parse_pattern_does_not_import_gpiozero():
             "parse_pattern('rgb', 'red:blink:1'); led_patterns('pwm', {'idle': 'dim:0.1'}); "
             "sys.exit('gpiozero' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
+
+
+# --- the daemon's LEDs, end to end ---------------------------------------------------------------
+
+def test_daemon_leds_follow_a_press_from_their_own_thread(fake_v3, tmp_path):
+    """``pttd run``'s wiring in-process: the button pin pressed and released, the LED pin
+    follows idle -> listening (on) -> finalizing (blink) -> idle (off), drawn by the LED thread."""
+    from pttd import config as c
+    from pttd.daemon import Daemon
+    from tests.daemon_proc import speech_wav
+
+    key = "leds-key-0123456789"
+    srv = fake_v3(script=["lights follow"], api_keys={key})
+    wav = tmp_path / "mic.wav"
+    speech_wav(wav)
+    cfg = c.from_dict({
+        "stt": {"url": srv.url, "api_key": key, "format_turns": False},
+        "audio": {"source": "wav", "wav": str(wav)}, "gpio": {"pin_factory": "mock"},
+        "control": {"socket": str(tmp_path / "ctl.sock")},
+        "output": {"stdout": "none", "journal": False},
+    }, environ={})
+    daemon = Daemon(cfg)
+    daemon.build()
+    daemon.start()
+    try:
+        painter = daemon.leds
+        assert isinstance(painter, LedThread) and painter._thread.is_alive()
+        led, button = painter.leds, daemon.button.pin
+        assert wait_for(lambda: led.shown == Pattern("off"))
+        assert wait_for(lambda: daemon.controller.command("status")["audio_ms"] >= 500, 15)
+        button.drive_low()   # pull-up: pressed
+        assert wait_for(lambda: led.shown == Pattern("on"), 10)
+        assert led._device.pin.state == 1
+        assert wait_for(lambda: daemon.controller.command("status")["audio_ms"] >= 2000, 15)
+        button.drive_high()
+        assert wait_for(lambda: daemon.controller.last_final is not None, 15)
+        assert daemon.controller.last_final["text"] == "lights follow"
+        assert wait_for(lambda: led.shown == Pattern("off"))
+        assert led._device.pin.state == 0
+    finally:
+        daemon.shutdown()
+    assert not painter._thread.is_alive()
+    assert led._device is None

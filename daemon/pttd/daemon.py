@@ -108,17 +108,15 @@ class Daemon:
         self.notifier.status(status_text(state, detail))
         leds = getattr(self, "leds", None)
         if leds is not None:
-            try:
-                leds.show(state)
-            except Exception:
-                log.exception("LEDs failed")
+            leds.show(state)  # only hands the state to the LED thread
 
     # --- running -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start everything in contract order; StartupError for what the user must fix."""
         from .control import ControlError, ControlServer
-        from .peripherals import ButtonInput, PeripheralError, StatusLeds, make_pin_factory
+        from .peripherals import (ButtonInput, LedThread, PeripheralError, StatusLeds,
+                                  make_pin_factory)
         from .service import Watchdog
 
         cfg = self.cfg
@@ -132,9 +130,10 @@ class Daemon:
         self._parts.append(("controller", self.controller.stop))
         try:
             factory = make_pin_factory(cfg.gpio.pin_factory)
-            self.leds = StatusLeds(kind=cfg.leds.kind, pins=list(cfg.leds.pins),
-                                   active_high=cfg.leds.active_high,
-                                   patterns=dict(cfg.leds.patterns), pin_factory=factory)
+            self.leds = LedThread(StatusLeds(
+                kind=cfg.leds.kind, pins=list(cfg.leds.pins), active_high=cfg.leds.active_high,
+                patterns=dict(cfg.leds.patterns), pin_factory=factory))
+            self.leds.start()
             self._parts.append(("leds", self.leds.close))
             self.leds.show(self.controller.state)
             self.button = ButtonInput(
