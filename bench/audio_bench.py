@@ -6,7 +6,9 @@
 2. The whole capture thread through real alsa-lib: pyalsaaudio reads the ALSA ``file`` plugin,
    whose FIFO a feeder process fills in real time (tests/alsa_fifo.py); CPU seconds of that one
    thread (from /proc/self/task/<tid>/schedstat) per second of audio, for 100 ms and 50 ms
-   periods. Target: <= 0.02 s/s (2 % of one core) here; a Pi Zero 2 W is ~10x slower.
+   periods: an I2S mic (S32_LE stereo 48 kHz, converted as above) and a 16-bit mono mic at
+   16 kHz (a USB mic: no conversion, no numpy in the daemon). Target: <= 0.02 s/s (2 % of one
+   core) here; a Pi Zero 2 W is ~10x slower.
 
     OPENBLAS_NUM_THREADS=1 python bench/audio_bench.py [--seconds 10]
 """
@@ -54,13 +56,26 @@ def thread_cpu_s(native_id: int) -> float:
         return int(f.read().split()[0]) / 1e9
 
 
-def bench_capture(seconds: float, period_ms: int) -> tuple[float, float, dict]:
+def usb_noise(start: int, n: int) -> np.ndarray:
+    """Speech-level noise, 16-bit mono."""
+    rng = np.random.default_rng(start)
+    return rng.normal(0, 0.02 * 2 ** 15, (n, 1)).astype("<i2")
+
+
+MICS = {  # name: FifoMic signal and format, AlsaSource's format, channel, gain, high-pass
+    "I2S S32 stereo 48k": (mems_noise, "S32_LE", 2, 48000, 1, 20.0, 80.0),
+    "USB S16 mono 16k": (usb_noise, "S16_LE", 1, 16000, 0, 0.0, None),
+}
+
+
+def bench_capture(seconds: float, period_ms: int, mic_kind: str) -> tuple[float, float, dict]:
     """CPU s per audio s of the capture thread, and wall-clock audio rate achieved."""
+    signal, fmt, channels, rate, channel, gain_db, highpass = MICS[mic_kind]
     ring = RingBuffer(16000 * 30, 16000)
-    with FifoMic(mems_noise, format="S32_LE", channels=2, rate=48000,
-                 period_frames=48 * period_ms) as mic:
-        src = AlsaSource(mic.device, "S32_LE", 2, 48000, 1, 20.0, 150, 16000, ring,
-                         period_ms=period_ms)
+    with FifoMic(signal, format=fmt, channels=channels, rate=rate,
+                 period_frames=rate // 1000 * period_ms) as mic:
+        src = AlsaSource(mic.device, fmt, channels, rate, channel, gain_db, 150, 16000, ring,
+                         period_ms=period_ms, highpass_hz=highpass)
         src.start()
         if not src.first_audio.wait(5.0):
             raise SystemExit("no audio from the FIFO mic")
@@ -81,11 +96,13 @@ def main() -> None:
     us = bench_converter()
     print(f"converter S32 stereo 48k -> S16 mono 16k: {us:.0f} us CPU per 50 ms frame "
           f"({us / 50000 * 100:.2f} % of one core)")
-    for period_ms in (100, 50):
-        per_s, pace, stats = bench_capture(args.seconds, period_ms)
-        print(f"capture thread, real alsa-lib file plugin, {period_ms} ms periods: "
-              f"{per_s * 1000:.2f} ms CPU per audio s ({per_s * 100:.2f} % of one core), "
-              f"pace {pace:.3f}x real time, xruns {stats['xruns']}, gaps {stats['gaps']}")
+    for mic_kind in MICS:
+        for period_ms in (100, 50):
+            per_s, pace, stats = bench_capture(args.seconds, period_ms, mic_kind)
+            print(f"capture thread, {mic_kind}, real alsa-lib file plugin, {period_ms} ms "
+                  f"periods: {per_s * 1000:.2f} ms CPU per audio s ({per_s * 100:.2f} % of one "
+                  f"core), pace {pace:.3f}x real time, xruns {stats['xruns']}, "
+                  f"gaps {stats['gaps']}")
 
 
 if __name__ == "__main__":
