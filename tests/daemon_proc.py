@@ -75,6 +75,19 @@ journal = {"true" if journal else "false"}
     return path
 
 
+def inprocess_config(*, url: str, key: str, wav: Path, socket: Path, **output):
+    """A Config for a ``Daemon`` built in-process (``pttd run``'s wiring without the CLI): the WAV
+    mic, mock GPIO, no stdout or journald unless ``output`` says so."""
+    from pttd import config
+
+    return config.from_dict({
+        "stt": {"url": url, "api_key": key, "format_turns": False},
+        "audio": {"source": "wav", "wav": str(wav)}, "gpio": {"pin_factory": "mock"},
+        "control": {"socket": str(socket)},
+        "output": {"stdout": "none", "journal": False, **output},
+    }, environ={})
+
+
 def wait_queue(q: "queue.Queue", pred, timeout: float, describe) -> object:
     """The first item of ``q`` matching ``pred`` within ``timeout`` (items before it are consumed)."""
     deadline = time.monotonic() + timeout

@@ -470,21 +470,14 @@ def test_parse_pattern_does_not_import_gpiozero():
 def test_daemon_leds_follow_a_press_from_their_own_thread(fake_v3, tmp_path):
     """``pttd run``'s wiring in-process: the button pin pressed and released, the LED pin
     follows idle -> listening (on) -> finalizing (blink) -> idle (off), drawn by the LED thread."""
-    from pttd import config as c
     from pttd.daemon import Daemon
-    from tests.daemon_proc import speech_wav
+    from tests.daemon_proc import inprocess_config, speech_wav
 
     key = "leds-key-0123456789"
     srv = fake_v3(script=["lights follow"], api_keys={key})
     wav = tmp_path / "mic.wav"
     speech_wav(wav)
-    cfg = c.from_dict({
-        "stt": {"url": srv.url, "api_key": key, "format_turns": False},
-        "audio": {"source": "wav", "wav": str(wav)}, "gpio": {"pin_factory": "mock"},
-        "control": {"socket": str(tmp_path / "ctl.sock")},
-        "output": {"stdout": "none", "journal": False},
-    }, environ={})
-    daemon = Daemon(cfg)
+    daemon = Daemon(inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock"))
     daemon.build()
     daemon.start()
     try:

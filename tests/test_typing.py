@@ -574,7 +574,7 @@ def test_pttd_run_with_type_but_no_uinput_exits_2(tmp_path):
 def test_daemon_types_the_final_end_to_end(fake_v3, tmp_path, monkeypatch, partials):
     """``pttd run``'s wiring in-process (real pipeline, fake server), keyboard = recorder."""
     from pttd.daemon import Daemon
-    from tests.daemon_proc import speech_wav
+    from tests.daemon_proc import inprocess_config, speech_wav
 
     kbd = RecordingKeyboard()
     monkeypatch.setattr(ts, "open_keyboard", lambda layout: kbd)
@@ -582,13 +582,8 @@ def test_daemon_types_the_final_end_to_end(fake_v3, tmp_path, monkeypatch, parti
     srv = fake_v3(script=["one two three four five"], api_keys={key})
     wav = tmp_path / "mic.wav"
     speech_wav(wav)
-    cfg = c.from_dict({
-        "stt": {"url": srv.url, "api_key": key, "format_turns": False},
-        "audio": {"source": "wav", "wav": str(wav)}, "gpio": {"pin_factory": "mock"},
-        "control": {"socket": str(tmp_path / "ctl.sock")},
-        "output": {"stdout": "none", "journal": False, "type": True, "type_partials": partials,
-                   "type_delay_ms": 1},
-    }, environ={})
+    cfg = inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock",
+                           type=True, type_partials=partials, type_delay_ms=1)
     daemon = Daemon(cfg)
     daemon.build()
     daemon.start()
