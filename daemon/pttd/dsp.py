@@ -154,15 +154,20 @@ class HighPass:
     ripple, one multiply per sample. A recursion has no direct numpy primitive (and
     ``np.frompyfunc(...).accumulate`` is a Python call per sample), so each chunk uses the
     recursion's closed form y[k] = aᵏ⁺¹·(y₋₁ + Σⱼ≤ₖ g·d[j]·a⁻ʲ⁻¹), i.e. one ``cumsum``.
-    a⁻ᵏ grows quickly, so chunks are capped at 1024 samples (a⁻¹⁰²⁴ ≤ e⁶⁵ at 80 Hz / 8 kHz) and
-    computed in float64, which keeps the result exact to ~1e-13 of full scale.
+    a⁻ᵏ grows quickly, so a chunk is at most as long as keeps a⁻ᵏ ≤ e⁶⁴ (1024 samples at
+    80 Hz / 8 kHz, 2037 at 16 kHz, so one chunk per 100 ms capture period there: each numpy
+    call costs tens of µs after the thread has slept) and is computed in float64, which keeps
+    the result exact to ~1e-12 of full scale.
     """
 
-    CHUNK = 1024
+    MAX_EXPONENT = 64.0
+    MAX_CHUNK = 4096
 
     def __init__(self, cutoff_hz: float, sample_rate: int):
         self.a = math.exp(-2.0 * math.pi * cutoff_hz / sample_rate)
         self.g = (1.0 + self.a) / 2.0
+        per_sample = 2.0 * math.pi * cutoff_hz / sample_rate   # = −ln a
+        self.CHUNK = max(16, min(self.MAX_CHUNK, int(self.MAX_EXPONENT / per_sample)))
         k = np.arange(1, self.CHUNK + 1, dtype=np.float64)
         self._pow = self.a ** k
         self._inv = self.g / self._pow
@@ -290,7 +295,8 @@ class Chain:
             if meter is not None:
                 meter.add_input(frames)
             x = frames.mean(axis=0) if self._channel < 0 else frames[self._channel]
-        x = x * self._scale
+        if self._scale != 1.0:  # S32 only: a numpy call saved costs ~30 µs after a sleep
+            x = x * self._scale
         if self._resampler is not None:
             x = self._resampler.process(x)
         if self._highpass is not None:
