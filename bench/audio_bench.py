@@ -7,8 +7,8 @@
    whose FIFO a feeder process fills in real time (tests/alsa_fifo.py); CPU seconds of that one
    thread (from /proc/self/task/<tid>/schedstat) per second of audio, for 100 ms and 50 ms
    periods: an I2S mic (S32_LE stereo 48 kHz, converted as above) and a 16-bit mono mic at
-   16 kHz (a USB mic: no conversion, no numpy in the daemon). Target: <= 0.02 s/s (2 % of one
-   core) here; a Pi Zero 2 W is ~10x slower.
+   16 kHz (a USB mic: the daemon's 80 Hz high-pass is its only conversion; and without it, the
+   capture alone). Target: <= 0.02 s/s (2 % of one core) here; a Pi Zero 2 W is ~10x slower.
 
     OPENBLAS_NUM_THREADS=1 python bench/audio_bench.py [--seconds 10]
 """
@@ -64,7 +64,8 @@ def usb_noise(start: int, n: int) -> np.ndarray:
 
 MICS = {  # name: FifoMic signal and format, AlsaSource's format, channel, gain, high-pass
     "I2S S32 stereo 48k": (mems_noise, "S32_LE", 2, 48000, 1, 20.0, 80.0),
-    "USB S16 mono 16k": (usb_noise, "S16_LE", 1, 16000, 0, 0.0, None),
+    "USB S16 mono 16k": (usb_noise, "S16_LE", 1, 16000, 0, 0.0, 80.0),  # the daemon's high-pass
+    "the same, high-pass off": (usb_noise, "S16_LE", 1, 16000, 0, 0.0, None),  # capture alone
 }
 
 
