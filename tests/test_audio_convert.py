@@ -242,7 +242,7 @@ def test_high_pass_equals_its_recursion_in_any_blocks(rate):
     hp = HighPass(80.0, rate)
     cuts = [0, 1, 777, rate // 10, rate // 10 + 3, len(x)]
     parts = np.concatenate([hp.process(x[i:j]) for i, j in zip(cuts, cuts[1:])])
-    assert hp.CHUNK >= min(1024, rate // 8)
+    assert hp.chunk_len >= min(1024, rate // 8)
     assert np.max(np.abs(whole - ref)) < 1e-6 and np.max(np.abs(parts - ref)) < 1e-6
 
 

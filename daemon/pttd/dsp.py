@@ -167,8 +167,8 @@ class HighPass:
         self.a = math.exp(-2.0 * math.pi * cutoff_hz / sample_rate)
         self.g = (1.0 + self.a) / 2.0
         per_sample = 2.0 * math.pi * cutoff_hz / sample_rate   # = −ln a
-        self.CHUNK = max(16, min(self.MAX_CHUNK, int(self.MAX_EXPONENT / per_sample)))
-        k = np.arange(1, self.CHUNK + 1, dtype=np.float64)
+        self.chunk_len = max(16, min(self.MAX_CHUNK, int(self.MAX_EXPONENT / per_sample)))
+        k = np.arange(1, self.chunk_len + 1, dtype=np.float64)
         self._pow = self.a ** k
         self._inv = self.g / self._pow
         self._x_prev = 0.0
@@ -176,8 +176,8 @@ class HighPass:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(len(x), dtype=np.float64)
-        for s in range(0, len(x), self.CHUNK):
-            out[s:s + self.CHUNK] = self._chunk(x[s:s + self.CHUNK])
+        for s in range(0, len(x), self.chunk_len):
+            out[s:s + self.chunk_len] = self._chunk(x[s:s + self.chunk_len])
         return out
 
     def _chunk(self, x: np.ndarray) -> np.ndarray:
