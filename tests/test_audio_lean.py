@@ -1,9 +1,10 @@
-"""numpy is loaded only when a converter needs it: a daemon with a 16 kHz mono WAV (or USB mic
-at 16 kHz) runs without it, and still sends the file's bytes unchanged.
+"""numpy is loaded only when a converter needs it: a daemon with a 16 kHz mono WAV (or a 16 kHz
+mono ALSA mic with ``highpass_hz = 0``) runs without it, and still sends the bytes unchanged.
 
 Each case runs in a fresh interpreter, since this test process has numpy loaded already.
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.alsa_fifo import FifoMic
 from tests.daemon_proc import RATE, write_config, write_wav
 
 
@@ -62,6 +64,28 @@ def test_daemon_with_16k_wav_runs_without_numpy_and_sends_the_file(tmp_path, cha
     got = json.loads(r.stdout.splitlines()[-1])
     assert got["numpy"] is needs_numpy
     assert bytes.fromhex(got["sent"]) == mono[:n].tobytes()
+
+
+@pytest.mark.parametrize("highpass,needs_numpy", [("0", False), ("80", True)])
+def test_16k_mono_alsa_mic_without_high_pass_runs_without_numpy(tmp_path, highpass,
+                                                                 needs_numpy):
+    """Real alsa-lib (the FIFO mic). High-pass off: the captured bytes go out as they are."""
+    noise = np.random.default_rng(9).integers(-20000, 20000, 20 * RATE, dtype="<i2")
+    with FifoMic(lambda start, n: noise[start:start + n, None], patch_env=False) as mic:
+        cfg = write_config(tmp_path / "pttd.toml", url="ws://127.0.0.1:9/v3/ws", key="lean-key",
+                           socket=tmp_path / "ctl.sock", journal=True,
+                           audio=f'device = "{mic.device}"\nhighpass_hz = {highpass}')
+        n = RATE // 2
+        r = subprocess.run([sys.executable, "-c", DAEMON, str(cfg), str(n)], capture_output=True,
+                           text=True, timeout=30, env={**os.environ, **mic.env})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["numpy"] is needs_numpy
+    sent = np.frombuffer(bytes.fromhex(got["sent"]), dtype="<i2")
+    assert len(sent) == n
+    if not needs_numpy:   # a slice of the mic's signal, sample for sample
+        starts = np.flatnonzero(noise == sent[0])
+        assert any(np.array_equal(noise[i:i + n], sent) for i in starts)
 
 
 def test_convert_exports_its_numpy_classes_lazily():

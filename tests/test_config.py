@@ -19,7 +19,7 @@ def test_defaults_match_contract():
     assert cfg.stt.speech_model == "universal-streaming-english" and cfg.stt.format_turns is True
     assert (cfg.audio.source, cfg.audio.device, cfg.audio.capture_format) == ("alsa", "default", "S16_LE")
     assert (cfg.audio.chunk_ms, cfg.audio.preroll_ms, cfg.audio.postroll_ms) == (50, 500, 300)
-    assert cfg.audio.period_ms == 100
+    assert cfg.audio.period_ms == 100 and cfg.audio.highpass_hz == 80.0
     assert (cfg.audio.warmup_ms, cfg.audio.ring_seconds) == (150, 30)
     assert (cfg.button.pin, cfg.button.pull_up, cfg.button.bounce_ms, cfg.button.mode) == (17, True, 30, "hold")
     assert (cfg.leds.kind, cfg.leds.pins) == ("led", [27])
@@ -51,6 +51,8 @@ gain_db = 12
 warmup_ms = 150
 ring_seconds = 30
 chunk_ms = 100
+period_ms = 100
+highpass_hz = 0
 preroll_ms = 500
 postroll_ms = 300
 [button]
@@ -93,6 +95,8 @@ phrases = ["lights on"]
     ("[audio]\nchunk_ms = 20\n", "audio.chunk_ms"),
     ("[audio]\nchunk_ms = true\n", "audio.chunk_ms"),
     ("[audio]\nperiod_ms = 5\n", "audio.period_ms"),
+    ("[audio]\nhighpass_hz = -1\n", "audio.highpass_hz"),
+    ("[audio]\nhighpass_hz = \"80\"\n", "audio.highpass_hz"),
     ("[audio]\ncapture_rate = 22050\n", "audio.capture_rate"),
     ("[audio]\nchannel = 1\n", "audio.channel"),
     ("[audio]\nsource = \"wav\"\n", "audio.wav"),

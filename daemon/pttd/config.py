@@ -118,6 +118,9 @@ class AudioConfig:
     # capture period: the capture thread (and the streamer it wakes) runs once per period;
     # shorter sends audio sooner, longer costs less CPU
     period_ms: int = _opt(100, _between(10, 1000))
+    # DC-blocking high-pass for ALSA mics (0 = off): on, every block goes through numpy; off, a
+    # 16-bit mono mic at sample_rate with gain_db 0 is sent as captured, without numpy
+    highpass_hz: float = _opt(80.0, _between(0.0, 1000.0))
     preroll_ms: int = _opt(500, _between(0, 5000))
     postroll_ms: int = _opt(300, _between(0, 5000))
 

@@ -11,8 +11,8 @@ fraction, so a quiet mic boosted by ``gain_db`` gets real signal rather than amp
 truncation noise. float32 holds 24 significant bits, exactly what the mic delivers.
 
 A converter in identity mode (S16 mono at the send rate, no gain, no high-pass) with the level
-meter off never loads this module, so the daemon with a WAV or 16 kHz USB mic runs without
-numpy (~13 MB of RSS and ~55 ms of start-up).
+meter off never loads this module, so the daemon with a WAV, or a 16 kHz mono mic with
+``[audio] highpass_hz = 0``, runs without numpy (~13 MB of RSS and ~55 ms of start-up).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def make_source(cfg: Config, ring, on_status=None):
                       capture_channels=a.capture_channels, capture_rate=a.capture_rate,
                       channel=a.channel, gain_db=a.gain_db, warmup_ms=a.warmup_ms,
                       sample_rate=a.sample_rate, ring=ring, period_ms=a.period_ms,
-                      on_status=on_status)
+                      on_status=on_status, highpass_hz=a.highpass_hz or None)
 
 
 def run_record(cfg: Config, seconds: float, out_path: str) -> int:
