@@ -7,8 +7,9 @@ ALSA mic: an I2S MEMS mic (S32_LE stereo 48 kHz, converted with numpy) or a USB 
 mono 16 kHz, sent as it is). Here a real ``pttd run`` process captures from each in turn:
 
 * ``wav``: the WAV source, as in compare_sdk.py;
-* ``usb``: real alsa-lib reading the ALSA ``file`` plugin, whose FIFO a feeder thread of this
-  process fills in real time (tests/alsa_fifo.py), S16_LE mono 16 kHz;
+* ``usb``: real alsa-lib reading the ALSA ``file`` plugin, whose FIFO a feeder process fills
+  in real time (tests/alsa_fifo.py), S16_LE mono 16 kHz; ``usb-nohp``: the same with
+  ``highpass_hz = 0``, so no conversion and no numpy;
 * ``i2s``: the same, S32_LE stereo 48 kHz, left channel (the I2S MEMS format).
 
 One press is held for ``--seconds`` of audio. The figure is the process's CPU (utime + stime in
@@ -56,6 +57,10 @@ MICS = {  # kind: FifoMic arguments and the [audio] lines
     "usb": (dict(signal=speech_like(16000, 1, "<i2", 32767), format="S16_LE", channels=1,
                  rate=16000),
             'capture_format = "S16_LE"\ncapture_channels = 1\ncapture_rate = 16000\nchannel = 0'),
+    "usb-nohp": (dict(signal=speech_like(16000, 1, "<i2", 32767), format="S16_LE", channels=1,
+                      rate=16000),
+                 'capture_format = "S16_LE"\ncapture_channels = 1\ncapture_rate = 16000\n'
+                 'channel = 0\nhighpass_hz = 0'),
     "i2s": (dict(signal=speech_like(48000, 2, "<i4", 2 ** 31 - 256), format="S32_LE",
                  channels=2, rate=48000),
             'capture_format = "S32_LE"\ncapture_channels = 2\ncapture_rate = 48000\nchannel = 0'),
@@ -112,7 +117,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pttd-mics-"))
     wav = tmp / "speech.wav"
     cs.make_wav(wav, args.seconds + 5, 0)
-    kinds = ("wav", "usb", "i2s", "sdk")
+    kinds = ("wav", "usb", "usb-nohp", "i2s", "sdk")
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
     print(f"mic_daemon: {args.seconds:g} s per press, {args.rounds} round(s), {cs.machine()}",
           flush=True)
@@ -130,6 +135,7 @@ def main() -> None:
         server.close()
     sdk = statistics.median(r["cpu_ms_per_s"] for r in rows["sdk"])
     names = {"wav": "pttd, WAV source (compare_sdk's)", "usb": "pttd, USB mic S16 mono 16k (ALSA)",
+             "usb-nohp": "the same, highpass_hz = 0 (no numpy)",
              "i2s": "pttd, I2S mic S32 stereo 48k (ALSA)", "sdk": "SDK, pacing loop"}
     print("| contender | CPU ms per audio s (rounds) | / SDK | peak RSS MB |")
     print("|---|---|---|---|")
