@@ -501,10 +501,13 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     outputs_emit = outputs.Outputs.emit
 
-    def timed_outputs_emit(self, event):
+    def timed_outputs_emit(self, event, on_delivered=None):
         if event.get("event") == "final":
             notes["emitted"].append([time.monotonic(), event["session_id"], event["turn_order"]])
-        outputs_emit(self, event)
+        if on_delivered is None:   # as called before on_delivered existed (A/B with old code)
+            outputs_emit(self, event)
+        else:
+            outputs_emit(self, event, on_delivered)
 
     outputs.Outputs.emit = timed_outputs_emit
 

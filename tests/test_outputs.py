@@ -438,3 +438,73 @@ def test_kinds_a_sink_skips_are_not_queued_for_its_worker():
     assert picky.events == [STATE, FINAL]
     assert every.events == [STATE, partial, FINAL]
     assert JournalSink("universal-streaming-english").skips == {"partial"}
+
+
+# --------------------------------------------------------------------------- delivery receipts
+
+class Receipts:
+    """Records, in order, each ``on_delivered`` call and what each sink had then."""
+
+    def __init__(self, *sinks: Collect):
+        self.sinks = sinks
+        self.seen: list[tuple[str, list[int]]] = []
+        self.called = threading.Event()
+
+    def __call__(self):
+        self.seen.append((threading.current_thread().name, [len(s.events) for s in self.sinks]))
+        self.called.set()
+
+
+def test_on_delivered_runs_once_after_every_worker_has_delivered_the_event():
+    gate = threading.Event()
+    slow, fast = Collect(gate), Collect()
+    receipts = Receipts(slow, fast)
+    outputs = Outputs([slow, fast])
+    outputs.emit(FINAL, receipts)
+    _wait_until(lambda: len(fast.events) == 1)
+    _wait_until(slow.entered.is_set)
+    assert not receipts.called.wait(0.2)          # the slow sink has not delivered yet
+    gate.set()
+    assert receipts.called.wait(5)
+    outputs.close()
+    assert receipts.seen == [("pttd-out-Collect", [1, 1])]  # called once, by the last worker
+    assert slow.events == fast.events == [FINAL]
+
+
+def test_on_delivered_counts_inline_sinks_skipped_kinds_and_dropped_events():
+    class Inline(Collect):
+        inline = True
+
+    class NoFinals(Collect):
+        skips = frozenset({"final"})
+
+    inline, skipper = Inline(), NoFinals()
+    receipts = Receipts(inline, skipper)
+    outputs = Outputs([inline, skipper])
+    outputs.emit(FINAL, receipts)                 # no worker takes a final: called at once,
+    assert receipts.seen == [("MainThread", [1, 0])]  # after the inline sink had it
+    outputs.close()
+
+    gate = threading.Event()
+    stuck = Collect(gate)
+    outputs = Outputs([stuck], queue_size=1)
+    outputs.emit(STATE)                           # in the worker's hands
+    _wait_until(stuck.entered.is_set)
+    outputs.emit(STATE)                           # fills the queue
+    dropped = Receipts(stuck)
+    outputs.emit(FINAL, dropped)                  # dropped: nobody will deliver it
+    assert dropped.seen == [("MainThread", [0])]
+    gate.set()
+    outputs.close()
+    assert stuck.events == [STATE, STATE]
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_on_delivered_runs_even_when_a_sink_fails(threaded):
+    broken, good = Broken(), Collect()
+    receipts = Receipts(good)
+    outputs = Outputs([broken, good], threaded=threaded)
+    outputs.emit(FINAL, receipts)
+    assert receipts.called.wait(5)
+    outputs.close()
+    assert len(receipts.seen) == 1 and broken.calls == 1 and good.events == [FINAL]

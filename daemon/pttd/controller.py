@@ -30,6 +30,10 @@ QUEUE_BOUND = 1024
 # A warm session is not kept when it would expire (Begin.expires_at, close code 3008) within
 # its keep-warm time plus this margin: the next press gets a fresh session instead.
 EXPIRY_MARGIN_S = 60.0
+# A press ends (streamer stopped, Terminate, idle state, LEDs) once the outputs' threads have
+# its last final, or after this long: ending it at once woke several threads just as the final's
+# output thread needed the interpreter, and the final waited behind them (bench/RESULTS.md).
+FINAL_OUT_WAIT_S = 0.05
 
 
 def _lifetime_left(session: Session) -> float:
@@ -61,6 +65,12 @@ class SourceStatus:
 @dataclass(frozen=True)
 class _Stop:
     deadline: float
+
+
+@dataclass(frozen=True)
+class _FinalOut:
+    """The outputs' threads have delivered a press's last final (posted by their last one)."""
+    press: "Press"
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Press:
     queued: bool = False                 # waiting for the network / an earlier press
     late: bool = False                   # delivered after the network came back
     done: bool = False
+    ending_by: float | None = None       # last final handed out; ends when it is out, or then
     lost_samples: int = 0
     audio_ms: float = 0.0
 
@@ -123,11 +134,16 @@ class Controller:
 
     def __init__(self, *, ring, settings: Settings, session_factory: Callable[..., Session],
                  emit: Callable[[dict], None], on_state: Callable[[State, str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None):
+        """``emit_confirmed(event, on_delivered)`` (optional; ``Outputs.emit``) emits like
+        ``emit`` and calls ``on_delivered`` once the outputs have the event: a press's last
+        final is emitted so, and the press ends when it is out (``FINAL_OUT_WAIT_S``)."""
         self.ring = ring
         self.s = settings
         self._new_session = session_factory
         self._emit = emit
+        self._emit_confirmed = emit_confirmed
         self._on_state = on_state
         self._clock = clock
         self._rng = rng or random.Random()
@@ -221,6 +237,8 @@ class Controller:
             log.error("streaming failed: %s", item.reason)
         elif isinstance(item, SourceStatus):
             self._on_source(item)
+        elif isinstance(item, _FinalOut):
+            self._end_press(item.press)
         elif isinstance(item, _Stop):
             self._begin_stop(item)
 
@@ -386,6 +404,7 @@ class Controller:
             # queue (the streamer marks it before sending, so the mark is there by now): this is
             # the press's last final, not a turn the server ended on silence mid-press.
             self._force_endpoint_sent(press, streamer)
+        last = press.fe_sent_at is not None  # the answer to ForceEndpoint: the press ends
         now_wall = time.time()
         latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
         extra = {}
@@ -400,7 +419,12 @@ class Controller:
                                        press.press_id, self._audio_ms(press), latency,
                                        ts=now_wall, **extra)
             self.last_final = event
-            self._emit(event)
+            if last and self._emit_confirmed is not None and not press.done:
+                press.ending_by = self._clock() + FINAL_OUT_WAIT_S
+                press.final_deadline = None
+                self._emit_confirmed(event, lambda: self.post(_FinalOut(press)))
+            else:
+                self._emit(event)
             press.finals += 1
         press.last_partial = ""
         last_word_end = max((w.end for w in turn.words), default=None)
@@ -408,9 +432,13 @@ class Controller:
             ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
                                              * self.s.sample_rate / 1000)
             press.replay_pos = max(press.replay_pos or press.start_pos, ring_pos)
-        if press.fe_sent_at is not None:
-            self._finish_press(press, terminate=True)
-            self._refresh_state()
+        if last and press.ending_by is None:
+            self._end_press(press)
+
+    def _end_press(self, press: Press) -> None:
+        """The press's last final is out (or had no words): stop, Terminate, show the new state."""
+        self._finish_press(press, terminate=True)
+        self._refresh_state()
 
     def _audio_ms(self, press: Press) -> int:
         if press.audio_ms:
@@ -423,7 +451,8 @@ class Controller:
             self._warm, self._warm_until = None, None
         if press is None or press.done or closed.local:
             return
-        if closed.policy.kind == "normal" and press.fe_sent_at is not None:
+        if ((closed.policy.kind == "normal" and press.fe_sent_at is not None)
+                or press.ending_by is not None):  # its last final is already out
             self._finish_press(press, terminate=False)
             self._refresh_state()
             return
@@ -535,6 +564,7 @@ class Controller:
             return 0.05
         times = [p.retry_at for p in self._presses if p.retry_at is not None and not p.done]
         times += [p.final_deadline for p in self._presses if p.final_deadline and not p.done]
+        times += [p.ending_by for p in self._presses if p.ending_by and not p.done]
         if self._warm_until is not None:
             times.append(self._warm_until)
         if not times:
@@ -546,7 +576,12 @@ class Controller:
         for press in list(self._presses):
             if press.done:
                 continue
-            if press.retry_at is not None and now >= press.retry_at:
+            if press.ending_by is not None:
+                if now >= press.ending_by:
+                    log.debug("press %d: final not out in %g s (a slow output, e.g. typing); "
+                              "ending the press anyway", press.press_id, FINAL_OUT_WAIT_S)
+                    self._finish_press(press, terminate=True)
+            elif press.retry_at is not None and now >= press.retry_at:
                 self._retry(press)
             elif press.final_deadline is not None and now >= press.final_deadline:
                 self._final_overdue(press)

@@ -74,7 +74,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         self.controller = Controller(
             ring=self.ring, settings=self._settings(), session_factory=self._new_session,
-            emit=self.outputs.emit, on_state=self._on_state)
+            emit=self.outputs.emit, emit_confirmed=self.outputs.emit, on_state=self._on_state)
 
     def _settings(self) -> Settings:
         a = self.cfg.audio
@@ -126,8 +126,6 @@ class Daemon:
             self.local_url = self._start_local_engine()
         self.source.start()
         self._parts.append(("capture", self.source.stop))
-        self.controller.start()
-        self._parts.append(("controller", self.controller.stop))
         try:
             factory = make_pin_factory(cfg.gpio.pin_factory)
             self.leds = LedThread(StatusLeds(
@@ -144,6 +142,10 @@ class Daemon:
             self._parts.append(("button", self.button.close))
         except (PeripheralError, ValueError) as exc:
             raise StartupError(f"GPIO: {exc}") from None
+        # Only now: its state changes reach the LED thread from here on, and the first draw
+        # above cannot overwrite a newer one. Button presses before this wait in its queue.
+        self.controller.start()
+        self._parts.append(("controller", self.controller.stop))
         self.control = ControlServer(cfg.control.socket, self.controller.command)
         try:
             self.control.start()

@@ -293,15 +293,23 @@ class Outputs:
                          if threaded and not is_inline(s)]
         self._inline_failed: set[int] = set()
 
-    def emit(self, event: dict) -> None:
+    def emit(self, event: dict, on_delivered: Callable[[], None] | None = None) -> None:
+        """Hand ``event`` to every sink. ``on_delivered`` (optional) is called once, on whichever
+        thread is last, when the inline sinks and every worker that takes the event have
+        delivered it (or dropped it); a worker that never gets to it never calls it."""
         kind = event.get("event")
-        for worker in self._workers:
-            if kind not in worker.skips:
-                worker.put(event)
+        takers = [w for w in self._workers if kind not in w.skips]
+        receipt = None if on_delivered is None else _Receipt(event, len(takers) + 1, on_delivered)
+        item = event if receipt is None else receipt
+        for worker in takers:
+            if not worker.put(item) and receipt is not None:
+                receipt.done()
         for sink in self._inline:
             if _deliver(sink, event, first_failure=id(sink) not in self._inline_failed):
                 continue
             self._inline_failed.add(id(sink))
+        if receipt is not None:
+            receipt.done()  # the emitter's own count: the callback never runs before this point
 
     def close(self, timeout: float = 2.0) -> None:
         """Deliver what is queued (up to ``timeout`` seconds in all), then close every sink."""
@@ -320,6 +328,26 @@ class Outputs:
 _STOP = object()
 
 
+class _Receipt:
+    """An event that its emitter waits for: calls ``on_delivered`` once ``count`` workers are
+    done with it (the emitter ends a press only after its final is out, see controller.py)."""
+
+    __slots__ = ("event", "_left", "_lock", "_on_delivered")
+
+    def __init__(self, event: dict, count: int, on_delivered: Callable[[], None]):
+        self.event = event
+        self._left = count
+        self._lock = threading.Lock()
+        self._on_delivered = on_delivered
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._on_delivered()
+
+
 class _SinkWorker:
     """One sink's thread and bounded queue."""
 
@@ -333,14 +361,17 @@ class _SinkWorker:
                                         name=f"pttd-out-{type(sink).__name__}")
         self._thread.start()
 
-    def put(self, event: dict) -> None:
+    def put(self, event: dict | _Receipt) -> bool:
+        """Queue an event; False when the sink is too far behind and it was dropped."""
         try:
             self._queue.put_nowait(event)
+            return True
         except queue.Full:
             self._dropped += 1
             if self._dropped == 1:
                 log.warning("output %s is %d events behind; dropping new events for it",
                             type(self.sink).__name__, self._queue.maxsize)
+            return False
 
     def finish(self) -> None:
         """Queue the stop marker (past the bound if need be: it is never refused)."""
@@ -361,8 +392,13 @@ class _SinkWorker:
                 log.warning("output %s caught up; %d events were dropped",
                             type(self.sink).__name__, self._dropped)
                 self._dropped = 0
+            receipt = event if type(event) is _Receipt else None
+            if receipt is not None:
+                event = receipt.event
             if not _deliver(self.sink, event, first_failure=not self._failed):
                 self._failed = True
+            if receipt is not None:
+                receipt.done()
 
 
 def _deliver(sink: Sink, event: dict, first_failure: bool) -> bool:

@@ -1,0 +1,115 @@
+"""A press ends (Terminate, idle state, LEDs) only once the outputs' threads have its last final.
+
+Ending it at once woke several threads just when the final's output thread needed the
+interpreter. These run ``pttd run``'s wiring in-process (real Session, fake v3 server, mock
+GPIO) with one extra output that holds each final until the test lets it go.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pttd import controller
+from pttd.events import State
+from tests.daemon_proc import inprocess_config, speech_wav
+
+
+class HeldFinals:
+    """A threaded output (not ``inline``) that holds each final until ``gate`` is set."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        self.finals: list[dict] = []
+        self.held_at = 0.0
+
+    def emit(self, event: dict) -> None:
+        if event["event"] == "final":
+            self.held_at = time.monotonic()
+            self.holding.set()
+            self.gate.wait(20)
+            self.finals.append(event)
+
+    def close(self) -> None:
+        self.gate.set()
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` (a bounded wait); the last result."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def daemon_with(fake_v3, tmp_path):
+    """``make(output)``: a started in-process daemon with ``output`` as an extra sink."""
+    from pttd.daemon import Daemon
+
+    made = []
+
+    def make(output):
+        key = "press-end-key-0123456789"
+        srv = fake_v3(script=["the end of a press"], api_keys={key})
+        wav = tmp_path / "mic.wav"
+        speech_wav(wav)
+        cfg = inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock")
+        daemon = Daemon(cfg, extra_sinks=[output])
+        daemon.build()
+        daemon.start()
+        made.append(daemon)
+        return daemon, srv
+
+    yield make
+    for daemon in made:
+        for output in daemon.extra_sinks:
+            output.gate.set()                   # let a held final go, so shutdown is quick
+        daemon.shutdown()
+
+
+def press_and_release(daemon) -> None:
+    status = daemon.controller.command
+    assert wait_for(lambda: status("status")["audio_ms"] >= 500, 15)
+    assert status("press")["ok"]
+    start = status("status")["audio_ms"]
+    assert wait_for(lambda: status("status")["audio_ms"] >= start + 3000, 15)
+    assert status("release")["ok"]
+
+
+def terminated(srv) -> bool:
+    sessions = srv.sessions
+    return bool(sessions) and any(isinstance(m, dict) and m.get("type") == "Terminate"
+                                  for m in sessions[0].text_messages())
+
+
+def test_the_press_ends_once_its_last_final_is_out(daemon_with, monkeypatch):
+    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 30.0)
+    held = HeldFinals()
+    daemon, srv = daemon_with(held)
+    ctl = daemon.controller
+    press_and_release(daemon)
+    assert held.holding.wait(15)                # the final is in the output's hands
+    assert ctl.last_final["text"] == "the end of a press"
+    # ... and not out yet: the press goes on (finalizing, no Terminate) for as long as it holds
+    assert not wait_for(lambda: ctl.state is not State.FINALIZING or terminated(srv), 0.5)
+    held.gate.set()
+    assert wait_for(lambda: ctl.state is State.IDLE and terminated(srv), 5)
+    assert [f["text"] for f in held.finals] == ["the end of a press"]
+
+
+def test_a_final_that_never_gets_out_ends_the_press_after_a_bound(daemon_with, monkeypatch):
+    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 0.3)
+    held = HeldFinals()                         # never let go: a wedged output
+    daemon, srv = daemon_with(held)
+    ctl = daemon.controller
+    press_and_release(daemon)
+    assert held.holding.wait(15)
+    assert wait_for(lambda: ctl.state is State.IDLE and terminated(srv), 5)
+    assert time.monotonic() - held.held_at >= 0.2  # not before the bound (0.3 s from the hand-over)
+    assert held.finals == [] and held.holding.is_set()
+    held.gate.set()
