@@ -13,6 +13,7 @@ import pytest
 
 from pttd import controller
 from pttd.events import State
+from tests.alsa_fifo import wait_until
 from tests.daemon_proc import inprocess_config, speech_wav
 
 
@@ -37,13 +38,7 @@ class HeldFinals:
 
 
 def wait_for(predicate, timeout: float) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` (a bounded wait); the last result."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return wait_until(predicate, timeout, interval=0.005)
 
 
 @pytest.fixture
