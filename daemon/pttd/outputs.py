@@ -329,8 +329,9 @@ _STOP = object()
 
 
 class _Receipt:
-    """An event that its emitter waits for: calls ``on_delivered`` once ``count`` workers are
-    done with it (the emitter ends a press only after its final is out, see controller.py)."""
+    """An event that its emitter waits for: calls ``on_delivered`` once all ``count`` holders
+    (the workers that take it, and the emitter itself) are done with it. The controller ends a
+    press only after its final is out (controller.py)."""
 
     __slots__ = ("event", "_left", "_lock", "_on_delivered")
 
