@@ -24,9 +24,11 @@ class HeldFinals:
         self.gate = threading.Event()
         self.holding = threading.Event()
         self.finals: list[dict] = []
+        self.kinds: list[str] = []
         self.held_at = 0.0
 
     def emit(self, event: dict) -> None:
+        self.kinds.append(event["event"])
         if event["event"] == "final":
             self.held_at = time.monotonic()
             self.holding.set()
@@ -108,3 +110,20 @@ def test_a_final_that_never_gets_out_ends_the_press_after_a_bound(daemon_with, m
     assert time.monotonic() - held.held_at >= 0.2  # not before the bound (0.3 s from the hand-over)
     assert held.finals == [] and held.holding.is_set()
     held.gate.set()
+
+
+def test_a_session_lost_while_its_last_final_goes_out_ends_the_press(daemon_with, monkeypatch):
+    """The final is delivered: a session that fails now (before Terminate) is not replayed."""
+    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 30.0)
+    held = HeldFinals()
+    daemon, srv = daemon_with(held)
+    ctl = daemon.controller
+    press_and_release(daemon)
+    assert held.holding.wait(15)
+    srv.stop()                                  # the server goes away (close 1001): retryable
+    assert wait_for(lambda: ctl.state is State.IDLE, 5)
+    held.gate.set()
+    assert wait_for(lambda: held.finals, 5)
+    assert not wait_for(lambda: "error" in held.kinds, 0.5)  # no retry, nothing reported
+    assert len(srv.connections) == 1
+    assert [f["text"] for f in held.finals] == ["the end of a press"]
