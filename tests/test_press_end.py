@@ -78,6 +78,17 @@ def press_and_release(daemon) -> None:
     assert status("release")["ok"]
 
 
+def final_in_hand(daemon_with, monkeypatch, bound_s: float):
+    """A press released, its last final now held by the extra output (``FINAL_OUT_WAIT_S`` is
+    ``bound_s``): (the output, the controller, the server)."""
+    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", bound_s)
+    held = HeldFinals()
+    daemon, srv = daemon_with(held)
+    press_and_release(daemon)
+    assert held.holding.wait(15)
+    return held, daemon.controller, srv
+
+
 def terminated(srv) -> bool:
     sessions = srv.sessions
     return bool(sessions) and any(isinstance(m, dict) and m.get("type") == "Terminate"
@@ -85,12 +96,7 @@ def terminated(srv) -> bool:
 
 
 def test_the_press_ends_once_its_last_final_is_out(daemon_with, monkeypatch):
-    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 30.0)
-    held = HeldFinals()
-    daemon, srv = daemon_with(held)
-    ctl = daemon.controller
-    press_and_release(daemon)
-    assert held.holding.wait(15)                # the final is in the output's hands
+    held, ctl, srv = final_in_hand(daemon_with, monkeypatch, 30.0)
     assert ctl.last_final["text"] == "the end of a press"
     # ... and not out yet: the press goes on (finalizing, no Terminate) for as long as it holds
     assert not wait_for(lambda: ctl.state is not State.FINALIZING or terminated(srv), 0.5)
@@ -100,12 +106,7 @@ def test_the_press_ends_once_its_last_final_is_out(daemon_with, monkeypatch):
 
 
 def test_a_final_that_never_gets_out_ends_the_press_after_a_bound(daemon_with, monkeypatch):
-    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 0.3)
-    held = HeldFinals()                         # never let go: a wedged output
-    daemon, srv = daemon_with(held)
-    ctl = daemon.controller
-    press_and_release(daemon)
-    assert held.holding.wait(15)
+    held, ctl, srv = final_in_hand(daemon_with, monkeypatch, 0.3)  # held until the end: wedged
     assert wait_for(lambda: ctl.state is State.IDLE and terminated(srv), 5)
     assert time.monotonic() - held.held_at >= 0.2  # not before the bound (0.3 s from the hand-over)
     assert held.finals == [] and held.holding.is_set()
@@ -114,12 +115,7 @@ def test_a_final_that_never_gets_out_ends_the_press_after_a_bound(daemon_with, m
 
 def test_a_session_lost_while_its_last_final_goes_out_ends_the_press(daemon_with, monkeypatch):
     """The final is delivered: a session that fails now (before Terminate) is not replayed."""
-    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", 30.0)
-    held = HeldFinals()
-    daemon, srv = daemon_with(held)
-    ctl = daemon.controller
-    press_and_release(daemon)
-    assert held.holding.wait(15)
+    held, ctl, srv = final_in_hand(daemon_with, monkeypatch, 30.0)
     srv.stop()                                  # the server goes away (close 1001): retryable
     assert wait_for(lambda: ctl.state is State.IDLE, 5)
     held.gate.set()
