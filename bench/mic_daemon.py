@@ -4,7 +4,7 @@
 
 ``compare_sdk.py``'s pttd reads a 16-bit mono WAV file paced by a timer. The appliance reads an
 ALSA mic: an I2S MEMS mic (S32_LE stereo 48 kHz, converted with numpy) or a USB mic (S16_LE
-mono 16 kHz, sent as it is). Here a real ``pttd run`` process captures from each in turn:
+mono 16 kHz: the 80 Hz high-pass, with numpy, unless ``highpass_hz = 0``). Here a real ``pttd run`` process captures from each in turn:
 
 * ``wav``: the WAV source, as in compare_sdk.py;
 * ``usb``: real alsa-lib reading the ALSA ``file`` plugin, whose FIFO a feeder process fills
@@ -57,14 +57,11 @@ MICS = {  # kind: FifoMic arguments and the [audio] lines
     "usb": (dict(signal=speech_like(16000, 1, "<i2", 32767), format="S16_LE", channels=1,
                  rate=16000),
             'capture_format = "S16_LE"\ncapture_channels = 1\ncapture_rate = 16000\nchannel = 0'),
-    "usb-nohp": (dict(signal=speech_like(16000, 1, "<i2", 32767), format="S16_LE", channels=1,
-                      rate=16000),
-                 'capture_format = "S16_LE"\ncapture_channels = 1\ncapture_rate = 16000\n'
-                 'channel = 0\nhighpass_hz = 0'),
     "i2s": (dict(signal=speech_like(48000, 2, "<i4", 2 ** 31 - 256), format="S32_LE",
                  channels=2, rate=48000),
             'capture_format = "S32_LE"\ncapture_channels = 2\ncapture_rate = 48000\nchannel = 0'),
 }
+MICS["usb-nohp"] = (MICS["usb"][0], MICS["usb"][1] + "\nhighpass_hz = 0")  # no numpy at all
 
 
 def process_cpu_s(pid: int) -> float:

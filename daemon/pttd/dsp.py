@@ -164,9 +164,9 @@ class HighPass:
     MAX_CHUNK = 4096
 
     def __init__(self, cutoff_hz: float, sample_rate: int):
-        self.a = math.exp(-2.0 * math.pi * cutoff_hz / sample_rate)
-        self.g = (1.0 + self.a) / 2.0
         per_sample = 2.0 * math.pi * cutoff_hz / sample_rate   # = −ln a
+        self.a = math.exp(-per_sample)
+        self.g = (1.0 + self.a) / 2.0
         self.chunk_len = max(16, min(self.MAX_CHUNK, int(self.MAX_EXPONENT / per_sample)))
         k = np.arange(1, self.chunk_len + 1, dtype=np.float64)
         self._pow = self.a ** k
