@@ -144,6 +144,8 @@ class Server:
 # ================================================================================================
 
 def cpu_now() -> float:
+    """``common.cpu_seconds``, repeated: a contender's process must not import ``common``, or
+    ``third_party_modules`` would count it among the contender's imports (and time it)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 

@@ -88,6 +88,33 @@ def inprocess_config(*, url: str, key: str, wav: Path, socket: Path, **output):
     }, environ={})
 
 
+@pytest.fixture
+def inprocess_daemon(fake_v3, tmp_path):
+    """``start(text, extra_sinks=(), **output)``: a started in-process ``Daemon`` with the WAV
+    mic and mock GPIO, against a fake v3 server (key ``E2E_KEY``) whose turns say ``text``;
+    returns ``(daemon, server)``. Every daemon is shut down at teardown (again, if the test
+    already did: that is harmless)."""
+    from pttd.daemon import Daemon
+
+    started = []
+
+    def start(text: str, extra_sinks=(), **output):
+        srv = fake_v3(script=[text], api_keys={E2E_KEY})
+        wav = tmp_path / "mic.wav"
+        speech_wav(wav)
+        cfg = inprocess_config(url=srv.url, key=E2E_KEY, wav=wav, socket=tmp_path / "ctl.sock",
+                               **output)
+        daemon = Daemon(cfg, extra_sinks=list(extra_sinks))
+        daemon.build()
+        daemon.start()
+        started.append(daemon)
+        return daemon, srv
+
+    yield start
+    for daemon in started:
+        daemon.shutdown()
+
+
 def wait_queue(q: "queue.Queue", pred, timeout: float, describe) -> object:
     """The first item of ``q`` matching ``pred`` within ``timeout`` (items before it are consumed)."""
     deadline = time.monotonic() + timeout

@@ -467,19 +467,10 @@ def test_parse_pattern_does_not_import_gpiozero():
 
 # --- the daemon's LEDs, end to end ---------------------------------------------------------------
 
-def test_daemon_leds_follow_a_press_from_their_own_thread(fake_v3, tmp_path):
+def test_daemon_leds_follow_a_press_from_their_own_thread(inprocess_daemon, tmp_path):
     """``pttd run``'s wiring in-process: the button pin pressed and released, the LED pin
     follows idle -> listening (on) -> finalizing (blink) -> idle (off), drawn by the LED thread."""
-    from pttd.daemon import Daemon
-    from tests.daemon_proc import inprocess_config, speech_wav
-
-    key = "leds-key-0123456789"
-    srv = fake_v3(script=["lights follow"], api_keys={key})
-    wav = tmp_path / "mic.wav"
-    speech_wav(wav)
-    daemon = Daemon(inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock"))
-    daemon.build()
-    daemon.start()
+    daemon, _ = inprocess_daemon("lights follow")
     try:
         painter = daemon.leds
         assert isinstance(painter, LedThread) and painter._thread.is_alive()

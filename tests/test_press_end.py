@@ -14,7 +14,6 @@ import pytest
 from pttd import controller
 from pttd.events import State
 from tests.alsa_fifo import wait_until
-from tests.daemon_proc import inprocess_config, speech_wav
 
 
 class HeldFinals:
@@ -44,29 +43,17 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 @pytest.fixture
-def daemon_with(fake_v3, tmp_path):
+def daemon_with(inprocess_daemon):
     """``make(output)``: a started in-process daemon with ``output`` as an extra sink."""
-    from pttd.daemon import Daemon
-
-    made = []
+    outputs = []
 
     def make(output):
-        key = "press-end-key-0123456789"
-        srv = fake_v3(script=["the end of a press"], api_keys={key})
-        wav = tmp_path / "mic.wav"
-        speech_wav(wav)
-        cfg = inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock")
-        daemon = Daemon(cfg, extra_sinks=[output])
-        daemon.build()
-        daemon.start()
-        made.append(daemon)
-        return daemon, srv
+        outputs.append(output)
+        return inprocess_daemon("the end of a press", extra_sinks=[output])
 
     yield make
-    for daemon in made:
-        for output in daemon.extra_sinks:
-            output.gate.set()                   # let a held final go, so shutdown is quick
-        daemon.shutdown()
+    for output in outputs:
+        output.gate.set()  # let a held final go before the daemon shuts down, so that is quick
 
 
 def press_and_release(daemon) -> None:

@@ -22,6 +22,7 @@ from pttd import config as c
 from pttd import typing_sink as ts
 from pttd.typing_sink import (EV_KEY, EV_SYN, KEY, LAYOUTS, Edit, Stroke, TurnTyper, TypingError,
                               TypingSink, key_events, stable_words, stroke_events, translate)
+from tests.alsa_fifo import wait_until
 
 US, GB, DE = LAYOUTS["us"], LAYOUTS["gb"], LAYOUTS["de"]
 SHIFT, ALTGR, BS = KEY["LEFTSHIFT"], KEY["RIGHTALT"], KEY["BACKSPACE"]
@@ -571,40 +572,23 @@ def test_pttd_run_with_type_but_no_uinput_exits_2(tmp_path):
 
 
 @pytest.mark.parametrize("partials", [False, True])
-def test_daemon_types_the_final_end_to_end(fake_v3, tmp_path, monkeypatch, partials):
+def test_daemon_types_the_final_end_to_end(inprocess_daemon, monkeypatch, partials):
     """``pttd run``'s wiring in-process (real pipeline, fake server), keyboard = recorder."""
-    from pttd.daemon import Daemon
-    from tests.daemon_proc import inprocess_config, speech_wav
-
     kbd = RecordingKeyboard()
     monkeypatch.setattr(ts, "open_keyboard", lambda layout: kbd)
-    key = "typing-key-0123456789"
-    srv = fake_v3(script=["one two three four five"], api_keys={key})
-    wav = tmp_path / "mic.wav"
-    speech_wav(wav)
-    cfg = inprocess_config(url=srv.url, key=key, wav=wav, socket=tmp_path / "ctl.sock",
-                           type=True, type_partials=partials, type_delay_ms=1)
-    daemon = Daemon(cfg)
-    daemon.build()
-    daemon.start()
+    daemon, _ = inprocess_daemon("one two three four five", type=True,
+                                 type_partials=partials, type_delay_ms=1)
     try:
-        _wait(lambda: daemon.controller.command("status")["audio_ms"] >= 1700)
+        assert wait_until(lambda: daemon.controller.command("status")["audio_ms"] >= 1700, 15)
         assert daemon.controller.command("press")["ok"]
-        _wait(lambda: daemon.controller.command("status")["audio_ms"] >= 4200)
+        assert wait_until(lambda: daemon.controller.command("status")["audio_ms"] >= 4200, 15)
         assert daemon.controller.command("release")["ok"]
-        _wait(lambda: screen_of(kbd.snapshot(), US) == "one two three four five ", timeout=20)
+        assert wait_until(lambda: screen_of(kbd.snapshot(), US) == "one two three four five ",
+                          20)
     finally:
         daemon.shutdown()
     assert kbd.closed
     assert BS not in [code for _, code, value in kbd.events if value == 1]
-
-
-def _wait(cond, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)  # polling with a deadline
 
 
 def test_udev_rule_and_unit_example_grant_uinput_to_group_input():
