@@ -19,6 +19,9 @@ figures, never fails.
 * the same, one XOR: what framing the two frames would cost if both were masked in one big-int
   XOR (RFC 6455 headers by ``struct``; a fresh ``os.urandom`` key per frame). pttd does not do
   this (its frames are websocket-client's); the row sizes that option for the issue's notes.
+
+websocket-client masks with ``wsaccel`` (C) when that package is importable; the first line
+says which masking ran, so ``pip install wsaccel`` and a second run compare the two.
 """
 from __future__ import annotations
 
@@ -150,6 +153,14 @@ def one_xor_cost(periods: int, period_s: float) -> float:
     return total / periods * 1e6
 
 
+def masking() -> str:
+    """Which XOR websocket-client uses: its own Python one, or wsaccel's C one if installed."""
+    from websocket import _abnf
+
+    return "wsaccel (C)" if "XorMaskerSimple" in _abnf._mask.__code__.co_names else \
+        "websocket-client (Python)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--periods", type=int, default=60)
@@ -158,6 +169,7 @@ def main() -> None:
     n, p = args.periods, args.period_ms / 1000
     print(f"cold_costs: thread CPU per {args.period_ms} ms period, {n} periods each, "
           f"Python {sys.version.split()[0]}")
+    print(f"  masking: {masking()}")
     rows = [
         ("wake by another thread (Lock)", reader_cost(n, p, "lock")),
         ("ring wait_for, woken by append", reader_cost(n, p, "wait")),
