@@ -34,9 +34,18 @@ class Conn:
     """A raw client connection, for speaking (and mis-speaking) the protocol by hand."""
 
     def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(IO_TIMEOUT)
-        self.sock.connect(path)
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(IO_TIMEOUT)
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:  # the accept backlog is full for a moment: bounded retry
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         self.reader = self.sock.makefile("rb")
 
     def send(self, data: bytes) -> None:
@@ -278,16 +287,92 @@ def test_idle_half_line_client_does_not_block_others(server, path, conns):
     assert request(path, "status", timeout=IO_TIMEOUT) == {"ok": True, "state": "idle"}
 
 
-def test_too_many_clients(path, handler, conns):
-    with ControlServer(path, handler, max_clients=2):
+def test_a_full_server_makes_room_for_a_new_client(path, handler, conns):
+    """At max_clients the connection idle longest is closed; the newcomer is served."""
+    with ControlServer(path, handler, max_clients=2) as srv:
         first = conns(path)
-        conns(path)
-        assert first.ask({"cmd": "status"})["ok"]  # both admitted before the third arrives
+        second = conns(path)
+        assert second.ask({"cmd": "status"})["ok"]  # second is now the more recently active
+        assert wait_for(lambda: srv.client_count == 2)
+        assert request(path, "status") == {"ok": True, "state": "idle"}
+        reply = first.line()
+        assert reply["ok"] is False and "idle longest" in reply["error"]
+        assert first.at_eof()
+        assert second.ask({"cmd": "status"})["ok"]  # the active one was kept
+
+
+def test_idle_clients_cannot_lock_commands_out(path, handler, conns):
+    """The issue's lock-out: max_clients connections that send nothing, then a command."""
+    with ControlServer(path, handler):  # the daemon's defaults: 16 clients, 5 s idle limit
+        idle = [conns(path) for _ in range(40)]
+        idle[-1].send(b'{"cmd": "sta')  # half a request holds no slot either
+        started = time.monotonic()
+        assert request(path, "status", timeout=IO_TIMEOUT) == {"ok": True, "state": "idle"}
+        assert time.monotonic() - started < 1.0  # at once, not after the idle limit
+        assert handler.cmds == ["status"]
+
+
+def test_idle_clients_are_closed_after_the_timeout(path, handler, conns):
+    with ControlServer(path, handler, idle_timeout=0.3) as srv:
+        silent = conns(path)
+        half = conns(path)
+        half.send(b'{"cmd": "status"')  # never completed: a slowloris
+        garbage = conns(path)
+        active = conns(path)
+        started = time.monotonic()
+        garbage.send(b"nonsense\n")  # an invalid request does not count as one
+        assert garbage.line()["ok"] is False
+        for _ in range(6):  # valid requests keep a connection open past the limit
+            time.sleep(0.1)  # pacing the active client: 0.6 s in all, twice the limit
+            assert active.ask({"cmd": "status"})["ok"]
+        closed = {"ok": False, "error": "no complete request within 0.3 s; closing"}
+        for c in (silent, half, garbage):
+            assert c.line() == closed
+            assert c.at_eof()
+        assert 0.3 <= time.monotonic() - started < IO_TIMEOUT
+        assert wait_for(lambda: srv.client_count == 1)
+        assert active.ask({"cmd": "status"})["ok"]
+
+
+def test_a_client_that_never_reads_its_replies_is_closed(path, handler, conns):
+    with ControlServer(path, handler, idle_timeout=0.3) as srv:
+        stuck = conns(path)
+        try:
+            stuck.send(b'{"cmd": "status"}\n' * 20000)  # replies pile up unread
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: what this test wants
+        assert wait_for(lambda: srv.client_count == 0)
+
+
+def test_subscribers_are_exempt_from_the_idle_limit(path, handler, conns):
+    with ControlServer(path, handler, idle_timeout=0.2) as srv:
+        sub = conns(path)
+        assert sub.ask({"cmd": "subscribe"}) == {"ok": True}
+        idle = conns(path)
+        assert idle.line()["ok"] is False and idle.at_eof()  # the limit has passed...
+        srv.publish({"event": "state", "state": "listening"})
+        assert sub.line() == {"event": "state", "state": "listening"}  # ...the subscriber stays
+        assert srv.subscriber_count == 1
+
+
+def test_subscribers_have_their_own_cap(path, handler, conns):
+    with ControlServer(path, handler, max_clients=2, max_subscribers=3) as srv:
+        subs = []
+        for _ in range(3):  # more subscribers than command slots
+            subs.append(conns(path))
+            assert subs[-1].ask({"cmd": "subscribe"}) == {"ok": True}
         extra = conns(path)
-        assert extra.line() == {"ok": False, "error": "too many clients"}
+        assert extra.ask({"cmd": "subscribe"}) == {"ok": False, "error": "too many subscribers (3)"}
         assert extra.at_eof()
-        first.close()
-        assert wait_for(lambda: _status_ok(path))
+        # subscribers do not take command slots: both command clients fit next to them
+        a, b = conns(path), conns(path)
+        assert a.ask({"cmd": "status"})["ok"] and b.ask({"cmd": "press"})["ok"]
+        assert srv.subscriber_count == 3
+        srv.publish({"event": "state", "state": "idle"})
+        assert all(s.line() == {"event": "state", "state": "idle"} for s in subs)
+        subs[0].close()
+        assert wait_for(lambda: srv.subscriber_count == 2)
+        assert subscribe(path, timeout=IO_TIMEOUT) is not None  # a freed place is taken again
 
 
 def _status_ok(path: str) -> bool:
@@ -424,3 +509,41 @@ def test_client_reports_a_line_cut_off(path):
         helper.join(IO_TIMEOUT)
         listener.close()
     assert not helper.is_alive()
+
+
+# --- pttd run: the lock-out from issue 23 ---------------------------------------------------------
+
+def test_daemon_answers_pttd_status_with_idle_clients_connected(tmp_path, fake_v3):
+    """40 connections that send nothing, then ``pttd status`` (the CLI) within 10 s."""
+    import subprocess
+    import sys
+
+    from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config
+
+    srv = fake_v3(script=["hello"], api_keys={E2E_KEY})
+    wav = tmp_path / "mic.wav"
+    speech_wav(wav)
+    sock = tmp_path / "ctl.sock"
+    d = DaemonProcess(write_config(tmp_path / "pttd.toml", url=srv.url, key=E2E_KEY, wav=wav,
+                                   socket=sock), sock)
+    idle: list[Conn] = []
+    try:
+        d.wait_ready()
+        idle = [Conn(str(sock)) for _ in range(40)]
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "pttd.cli", "status", "--socket", str(sock)],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["state"] == "idle"
+        assert time.monotonic() - started < 10
+        # and the idle ones are closed after the daemon's limit (5 s), not kept forever
+        for c in idle:
+            c.sock.settimeout(10)
+            assert c.line()["ok"] is False  # "... idle longest" or "no complete request ..."
+            assert c.at_eof()
+        code, _ = d.stop()
+        assert code == 0
+    finally:
+        for c in idle:
+            c.close()
+        d.kill()

@@ -22,8 +22,9 @@ out = sys.argv[1]
 data = {"argv": sys.argv[2:], "stdin": sys.stdin.read(),
         "env": {k: v for k, v in os.environ.items() if k.startswith("PTTD_") or k == "ASSEMBLYAI_API_KEY"}}
 n = len([f for f in os.listdir(out) if f.startswith("run")])
-with open(os.path.join(out, f"run{n}.json"), "w") as f:
+with open(os.path.join(out, "partial"), "w") as f:  # renamed when complete: never read half-written
     json.dump(data, f)
+os.replace(os.path.join(out, "partial"), os.path.join(out, f"run{n}.json"))
 """
 
 
@@ -246,3 +247,202 @@ def test_hook_config_keys_are_range_checked():
         with pytest.raises(ConfigError):
             from_dict({"output": bad})
 
+
+
+# --- issue 23: bounded output, resource limits, an environment without the key -------------------
+
+ENV_DUMP = """\
+import json, os, resource, sys
+out = sys.argv[1]
+stdin = sys.stdin.read()  # pttd feeds stdin after setting the limits: read it first
+data = {"stdin": stdin, "env": dict(os.environ),
+        "core": resource.getrlimit(resource.RLIMIT_CORE),
+        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)}
+n = len([f for f in os.listdir(out) if f.startswith("run")])
+with open(os.path.join(out, "partial"), "w") as f:  # renamed when complete: never read half-written
+    json.dump(data, f)
+os.replace(os.path.join(out, "partial"), os.path.join(out, f"run{n}.json"))
+"""
+
+
+def _allowed_env_name(name: str) -> bool:
+    from pttd.hook import ENV_ALLOWED
+
+    return name in ENV_ALLOWED or name.startswith(("LC_", "PTTD_"))
+
+
+def test_environment_is_an_allow_list(tmp_path, sinks, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "assemblyai-api-key").write_text("sk_credential_key")
+    for name, value in {"CREDENTIALS_DIRECTORY": str(creds), "ASSEMBLYAI_API_KEY": "sk_env_key",
+                        "PTTD_CONFIG": "/etc/pttd/secret.toml", "AWS_SECRET_ACCESS_KEY": "x",
+                        "LANG": "C.UTF-8", "LC_TIME": "C", "HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    sink = sinks([sys.executable, str(script(tmp_path, "dump.py", ENV_DUMP)), str(out)])
+    sink.emit(FINAL)
+    wait_for(lambda: len(runs(out)) == 1, what="the hook run")
+    env = runs(out)[0]["env"]
+    assert "CREDENTIALS_DIRECTORY" not in env and "ASSEMBLYAI_API_KEY" not in env
+    assert "PTTD_CONFIG" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert [k for k in env if not _allowed_env_name(k)] == []
+    assert not [k for k, v in env.items() if str(creds) in v or "sk_" in v]
+    assert env["LANG"] == "C.UTF-8" and env["LC_TIME"] == "C" and env["HOME"] == str(tmp_path)
+    assert env["PATH"] == os.environ["PATH"] and env["PTTD_PRESS_ID"] == "7"
+
+
+def test_core_dumps_off_and_file_size_limited(tmp_path, sinks):
+    from pttd.hook import FILE_SIZE_LIMIT
+
+    out = tmp_path / "out"
+    out.mkdir()
+    big = tmp_path / "big"
+    writer = script(tmp_path, "write.sh", f"""#!/bin/sh
+cat > /dev/null
+head -c {FILE_SIZE_LIMIT + (8 << 20)} /dev/zero > {big}
+echo "head: $?" >&2
+exit 0
+""")
+    sink = sinks([sys.executable, str(script(tmp_path, "dump.py", ENV_DUMP)), str(out)])
+    sink.emit(FINAL)
+    wait_for(lambda: len(runs(out)) == 1, what="the hook run")
+    run = runs(out)[0]
+    assert run["core"] == [0, 0]
+    assert run["fsize"] == [FILE_SIZE_LIMIT, FILE_SIZE_LIMIT]
+    files = sinks([str(writer)])
+    files.emit(FINAL)
+    wait_for(lambda: files.delivered, what="the file-writing hook")
+    assert big.stat().st_size == FILE_SIZE_LIMIT  # SIGXFSZ stopped head there
+
+
+def _bytes_held_under(folder: Path, pid: int | str = "self") -> int:
+    """Bytes in files under ``folder``, also deleted ones that process ``pid`` still holds open."""
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd).startswith(str(folder)):
+                total += os.stat(fd).st_size
+        except OSError:
+            continue  # closed meanwhile
+    return total
+
+
+FLOOD = """#!/bin/sh
+# 200 MB of output, then wait (bounded) until the test has looked, then succeed
+head -c 200000000 /dev/zero
+echo flooded > {wrote}
+i=0
+while [ ! -e {go} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i + 1)); done
+exit 0
+"""
+
+
+def test_a_flood_of_output_is_never_stored(tmp_path, sinks, monkeypatch, caplog):
+    import tempfile
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    wrote, go = tmp_path / "wrote", tmp_path / "go"
+    sink = sinks([str(script(tmp_path, "flood.sh", FLOOD.format(wrote=wrote, go=go)))])
+    sink.emit(FINAL)
+    wait_for(wrote.exists, timeout=20, what="the flood")
+    assert _bytes_held_under(tmpdir) < 16 << 20
+    go.touch()
+    wait_for(lambda: sink.delivered or sink.failures, what="the run to end")
+    assert sink.delivered == 1  # head got SIGPIPE; the hook itself carried on and succeeded
+    assert "printed more than 1048576 bytes for press 7" in caplog.text
+
+
+def test_endless_output_ends_fast_without_a_file(tmp_path, sinks, caplog):
+    yes = __import__("shutil").which("yes")
+    sink = sinks([yes, "spam"], timeout_s=5, retries=0)
+    started = time.monotonic()
+    sink.emit(FINAL)
+    wait_for(lambda: sink.failures == 1, what="the failure")
+    assert time.monotonic() - started < 4  # the closed pipe ended it, not the 5 s timeout
+    assert "killed by SIGPIPE" in caplog.text and "over 1048576 bytes, pipe closed" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if "killed by SIGPIPE" in r.getMessage())
+    assert len(line) < 3000  # only the tail is logged
+
+
+def test_tail_keeps_the_last_bytes():
+    from pttd.hook import HookOutput
+
+    out = HookOutput(keep=10, limit=100)
+    assert out.add(b"0123456789abcdef") and out.tail == b"6789abcdef"
+    assert out.add(b"XY") and out.tail == b"89abcdefXY" and out.describe() == "; output: 89abcdefXY"
+    assert not out.add(b"z" * 90) and out.cut and out.total == 108
+    assert HookOutput().describe() == ""
+
+
+def _daemon_with_hook(tmp_path, fake_v3, hook: list[str], *, key_line: bool = True, env=None):
+    srv = fake_v3(script=["hello hook"], api_keys={KEY})
+    wav = tmp_path / "mic.wav"
+    speech_wav(wav)
+    sock = tmp_path / "ctl.sock"
+    cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY if key_line else None,
+                       wav=wav, socket=sock)
+    cfg.write_text(cfg.read_text().replace(
+        "[output]", f"[output]\nhook = {json.dumps(hook)}\nhook_timeout_s = 20"))
+    return DaemonProcess(cfg, sock, env=env)
+
+
+def _one_press(d: DaemonProcess) -> dict:
+    d.wait_ready()
+    d.wait_audio_ms(1500)
+    d.command("press")
+    d.wait_audio_ms(4200)
+    d.command("release")
+    return d.wait_event(lambda e: e["event"] == "final")
+
+
+def test_daemon_hook_flood_stays_off_disk_and_finals_arrive(tmp_path, fake_v3):
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    wrote, go = tmp_path / "wrote", tmp_path / "go"
+    flood = script(tmp_path, "flood.sh", FLOOD.format(wrote=wrote, go=go))
+    d = _daemon_with_hook(tmp_path, fake_v3, [str(flood)], env={"TMPDIR": str(tmpdir)})
+    try:
+        final = _one_press(d)
+        assert final["text"] == "Hello hook."
+        wait_for(wrote.exists, timeout=20, what="the flood")
+        assert _bytes_held_under(tmpdir, d.proc.pid) < 16 << 20
+        go.touch()
+        assert d.command("status")["ok"]
+        code, took = d.stop()
+        assert code == 0 and took < 5.0
+        assert "printed more than" in "".join(d.stderr_lines)
+    finally:
+        go.touch()
+        d.kill()
+
+
+def test_daemon_hook_cannot_find_the_credential(tmp_path, fake_v3, monkeypatch):
+    """The key comes from $CREDENTIALS_DIRECTORY, as under the shipped unit; the hook sees
+    neither the variable nor the key."""
+    monkeypatch.delenv("ASSEMBLYAI_API_KEY", raising=False)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "assemblyai-api-key").write_text(KEY + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    dump = script(tmp_path, "dump.py", ENV_DUMP)
+    d = _daemon_with_hook(tmp_path, fake_v3, [sys.executable, str(dump), str(out)],
+                          key_line=False, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    try:
+        final = _one_press(d)  # the server accepted the key: it was read from the credential
+        wait_for(lambda: len(runs(out)) == 1, what="the hook run")
+        run = runs(out)[0]
+        assert run["stdin"] == final["text"] + "\n"
+        env = run["env"]
+        assert "CREDENTIALS_DIRECTORY" not in env
+        assert not [k for k, v in env.items() if KEY in v or str(creds) in v]
+        assert [k for k in env if not _allowed_env_name(k)] == []
+        assert d.stop()[0] == 0
+    finally:
+        d.kill()

@@ -420,3 +420,112 @@ def test_sigterm_mid_turn_the_final_still_reaches_the_page(tmp_path, fake_v3):
         assert code == 0 and took < 5.0
     finally:
         d.kill()
+
+
+# --- issue 23: connection floods, and who can reach a kiosk without a token ----------------------
+
+def test_connection_flood_cannot_starve_the_daemon(tmp_path, fake_v3):
+    """Hundreds of TCP connections to the kiosk that never speak, against a daemon limited to 256
+    file descriptors: ``pttd status`` still answers, and a real kiosk client still gets in."""
+    import shutil
+
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    srv = fake_v3(script=["flooded"], api_keys={KEY})
+    port = free_port()
+    wav = tmp_path / "mic.wav"
+    speech_wav(wav, layout=LONG_SPEECH)
+    sock = tmp_path / "ctl.sock"
+    cfg = write_config(tmp_path / "pttd.toml", url=srv.url, key=KEY, wav=wav, socket=sock,
+                       extra=f'\n[kiosk]\nlisten = "127.0.0.1:{port}"\n')
+    argv = [prlimit, "--nofile=256:256", sys.executable, "-m", "pttd.cli", "run", "-c", str(cfg)]
+    d = DaemonProcess(cfg, sock, argv=argv)
+    flood: list[socket.socket] = []
+    try:
+        d.wait_ready()
+        wait_port(port)
+        for _ in range(400):
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break  # the daemon stopped accepting: what the status check below catches
+        status = subprocess.run([sys.executable, "-m", "pttd.cli", "status", "--socket", str(sock)],
+                                capture_output=True, text=True, timeout=15)
+        assert status.returncode == 0, status.stderr
+        assert len(flood) == 400
+        with open_ws(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert recv_json(ws)["event"] == "snapshot"
+            ws.send('{"cmd": "status"}')
+            assert recv_until(ws, lambda m: "ok" in m)[-1]["ok"]
+        for s in flood:  # closed by the daemon: the oldest at once, the rest after 5 s of silence
+            s.settimeout(10)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass  # aborted: an RST instead of a FIN
+        assert d.stop()[0] == 0
+        logged = "".join(d.stderr_lines)
+        assert "closing the oldest that has not finished its handshake" in logged
+        assert "every program on this machine" in logged  # no token: the documented exposure
+    finally:
+        for s in flood:
+            s.close()
+        d.kill()
+
+
+def _closed_by_server(s: socket.socket, timeout: float) -> bool:
+    s.settimeout(timeout)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_silent_connection_is_closed_after_the_handshake_timeout(kiosk_factory):
+    from pttd.kiosk import HANDSHAKE_TIMEOUT_S
+
+    server, _ = kiosk_factory()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as half:
+        half.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        assert _closed_by_server(silent, HANDSHAKE_TIMEOUT_S + 3)
+        assert _closed_by_server(half, 3)
+    assert time.monotonic() - started < HANDSHAKE_TIMEOUT_S + 3
+
+
+def test_at_the_connection_cap_the_oldest_handshake_makes_room(kiosk_factory):
+    server, rec = kiosk_factory(max_clients=2, max_connections=4)
+    with open_ws(ws_url(server)) as first:
+        assert recv_json(first)["event"] == "snapshot"
+        raws = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+        try:
+            with open_ws(ws_url(server)) as second:  # the fifth connection
+                assert recv_json(second)["event"] == "snapshot"
+                assert _closed_by_server(raws[0], 3)  # the oldest silent one made room
+                assert not _closed_by_server(raws[2], 0.2)
+                second.send('{"cmd": "press"}')
+                assert recv_json(second) == {"ok": True} and rec.next() == "press"
+            server.emit({"event": "state", "state": "idle"})
+            assert recv_json(first) == {"event": "state", "state": "idle"}  # upgraded: never chosen
+        finally:
+            for r in raws:
+                r.close()
+
+
+def test_without_a_token_loopback_is_open_to_local_programs_and_says_so(kiosk_factory, caplog):
+    """The decision for issue 23 point 8: documented and logged, not refused (the contract needs
+    a token only off loopback). A program without Origin or token may press."""
+    server, rec = kiosk_factory()
+    assert "every program on this machine" in caplog.text
+    with open_ws(ws_url(server)) as ws:
+        recv_json(ws)
+        ws.send('{"cmd": "press"}')
+        assert recv_json(ws) == {"ok": True} and rec.next() == "press"
+    caplog.clear()
+    guarded, _ = kiosk_factory(token=TOKEN)
+    assert "every program on this machine" not in caplog.text
+    assert refused_status(ws_url(guarded)) == 401  # the remedy: a token shuts such programs out

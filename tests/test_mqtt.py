@@ -259,6 +259,12 @@ def test_bridge_settings_errors(tmp_path):
     (tmp_path / "pw").write_text("\n")
     with pytest.raises(m.MqttError, match="is empty"):
         m.MqttBridge(url="mqtt://h", username="u", password_file=str(tmp_path / "pw"))
+    os.mkfifo(tmp_path / "fifo")  # refused at once, never blocked on
+    with pytest.raises(m.MqttError, match="mqtt.password_file: .*fifo is not a regular file"):
+        m.MqttBridge(url="mqtt://h", username="u", password_file=str(tmp_path / "fifo"))
+    (tmp_path / "latin1").write_bytes(b"caf\xe9\n")
+    with pytest.raises(m.MqttError, match="not valid UTF-8"):
+        m.MqttBridge(url="mqtt://h", username="u", password_file=str(tmp_path / "latin1"))
 
 
 def test_without_paho_the_error_says_how_to_install(monkeypatch):

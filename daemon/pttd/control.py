@@ -11,6 +11,13 @@ per-client threads to bound. ``handle`` runs on that thread, which is fine becau
 ``handle`` only enqueues or reads a published snapshot. ``publish`` (controller thread) never does
 I/O: it appends to each subscriber's bounded queue under a short lock and wakes the selector.
 A subscriber whose queue is full is dropped (closed and logged) rather than stalling anyone.
+
+Nobody can lock the socket up (a crashed client, or a member of the socket's group that opens
+connections and sends nothing): a connection that has not subscribed must send a complete request
+within ``idle_timeout`` seconds of connecting or of its previous request, else it is closed.
+Command connections and subscribers have separate caps (``max_clients``, ``max_subscribers``), and
+when ``max_clients`` command connections are open a new one takes the place of the one idle
+longest, so a command always finds a slot. A full subscriber list refuses the next ``subscribe``.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -36,7 +44,10 @@ COMMANDS = ("press", "release", "toggle", "cancel", "status")
 
 SUBSCRIBE = "subscribe"
 SOCKET_MODE = 0o660
+IDLE_TIMEOUT_S = 5.0
+"""A connection that has not subscribed is closed this long after connecting or its last request."""
 _RECV_SIZE = 65536
+_WARN_EVERY_S = 10.0  # at most one warning about too many connections this often
 
 
 class ControlError(OSError):
@@ -92,9 +103,9 @@ class _Client:
     """One connection's buffers; ``out`` is shared with ``publish`` under the server lock."""
 
     __slots__ = ("sock", "inbuf", "out", "offset", "subscribed", "eof", "closing", "overflow",
-                 "mask", "fd")
+                 "mask", "fd", "deadline")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.inbuf = bytearray()
@@ -105,19 +116,25 @@ class _Client:
         self.closing = False     # close once ``out`` is flushed
         self.overflow = False    # set by publish: fell behind, drop it
         self.mask = 0            # selector events currently registered
+        self.deadline = deadline  # monotonic time by which the next request must be complete
 
 
 class ControlServer:
     """Serves the control socket on one selector thread; see the module docstring for why."""
 
     def __init__(self, path: str, handle: Callable[[str], dict], max_clients: int = 16,
-                 subscriber_queue: int = 256):
-        if max_clients < 1 or subscriber_queue < 1:
-            raise ValueError("max_clients and subscriber_queue must be at least 1")
+                 subscriber_queue: int = 256, max_subscribers: int = 16,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
+        if min(max_clients, subscriber_queue, max_subscribers) < 1 or idle_timeout <= 0:
+            raise ValueError("max_clients, subscriber_queue and max_subscribers must be at least 1 "
+                             "and idle_timeout positive")
         self.path = os.fspath(path)
         self._handle = handle
         self._max_clients = max_clients
+        self._max_subs = max_subscribers
+        self._idle_timeout = idle_timeout
         self._queue_limit = subscriber_queue
+        self._last_warning = -_WARN_EVERY_S
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._clients: dict[int, _Client] = {}
@@ -135,7 +152,10 @@ class ControlServer:
         """Bind the socket (replacing a stale one) and start serving; raises ControlError."""
         if self._thread is not None or self._stopping.is_set():
             raise RuntimeError("a ControlServer starts once; make a new one")
-        self._listener = _bind_listener(self.path, backlog=max(8, self._max_clients))
+        # room for a burst of connections while the thread is busy (a full backlog makes a
+        # client's connect fail with EAGAIN; request() retries that within its timeout)
+        self._listener = _bind_listener(self.path,
+                                        backlog=max(64, 2 * (self._max_clients + self._max_subs)))
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -174,6 +194,11 @@ class ControlServer:
         with self._lock:
             return len(self._subs)
 
+    @property
+    def client_count(self) -> int:
+        """Open connections, subscribers included (read from another thread: a snapshot)."""
+        return len(self._clients)
+
     # -- called from the controller thread --
 
     def publish(self, event: dict) -> None:
@@ -206,9 +231,10 @@ class ControlServer:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                for key, mask in self._sel.select():
+                for key, mask in self._sel.select(self._next_deadline_in()):
                     self._dispatch(key.data, mask)
                 self._service_subscribers()
+                self._close_idle()
         except Exception:
             log.exception("control socket thread failed; control commands are unavailable")
         finally:
@@ -250,15 +276,43 @@ class ControlServer:
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
+        """Take every new connection; at the cap, the command connection idle longest makes room."""
         sock.setblocking(False)
-        if len(self._clients) >= self._max_clients:
-            log.warning("control socket: refusing client, %d already connected", self._max_clients)
-            _send_best_effort(sock, encode({"ok": False, "error": "too many clients"}))
-            sock.close()
-            return
-        client = _Client(sock)
+        waiting = [c for c in self._clients.values() if not c.subscribed]
+        if len(waiting) >= self._max_clients:
+            oldest = min(waiting, key=lambda c: c.deadline)
+            self._warn_rarely("control socket: %d clients connected without subscribing; closed "
+                              "the one idle longest to let a new one in", self._max_clients)
+            self._close_with(oldest, f"{self._max_clients} clients connected; closing the one "
+                                     f"idle longest")
+        client = _Client(sock, time.monotonic() + self._idle_timeout)
         self._clients[client.fd] = client
         self._update(client)
+
+    def _warn_rarely(self, msg: str, *args) -> None:
+        """A warning a flood of connections cannot turn into a flood of log lines."""
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            log.warning(msg + " (such warnings: at most one per %g s)", *args, _WARN_EVERY_S)
+
+    def _next_deadline_in(self) -> float | None:
+        """Seconds until the earliest idle deadline (None: no connection has one)."""
+        deadlines = [c.deadline for c in self._clients.values() if not c.subscribed]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if not c.subscribed and c.deadline <= now]:
+            log.debug("control client %d: no complete request within %g s; closing",
+                      client.fd, self._idle_timeout)
+            self._close_with(client, f"no complete request within {self._idle_timeout:g} s; closing")
+
+    def _close_with(self, client: _Client, error: str) -> None:
+        """Drop ``client``, telling it why when no reply is half-sent (it may not be reading)."""
+        if not client.out:
+            _send_best_effort(client.sock, encode({"ok": False, "error": error}))
+        self._drop(client)
 
     def _read(self, client: _Client) -> None:
         try:
@@ -310,6 +364,7 @@ class ControlServer:
             log.debug("control client %d: bad request: %s", client.fd, exc)
             self._reply(client, {"ok": False, "error": str(exc)})
             return
+        client.deadline = time.monotonic() + self._idle_timeout  # only a valid request counts
         if cmd == SUBSCRIBE:
             self._subscribe(client)
         else:
@@ -317,6 +372,11 @@ class ControlServer:
 
     def _subscribe(self, client: _Client) -> None:
         """Queue the ok reply and join the subscriber list atomically, so no event precedes it."""
+        if self.subscriber_count >= self._max_subs:  # only this thread adds subscribers
+            self._warn_rarely("control: refused a subscriber, %d already subscribed", self._max_subs)
+            self._reply(client, {"ok": False, "error": f"too many subscribers ({self._max_subs})"})
+            client.closing = True
+            return
         with self._lock:
             client.out.append(encode({"ok": True}))
             client.subscribed = True
@@ -556,16 +616,25 @@ class _Closed(ControlError):
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except BaseException as exc:
-        sock.close()
-        if isinstance(exc, OSError):
-            raise _connect_error(path, exc, timeout) from exc
-        raise
-    return sock
+    """Connect within ``timeout``; a full accept backlog (EAGAIN on a Unix socket) is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise ControlError(f"timed out after {timeout:g} s connecting to pttd on {path} "
+                                   f"(its connection queue stayed full)") from exc
+            time.sleep(0.01)  # the daemon is accepting a burst; a new attempt has room soon
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                raise _connect_error(path, exc, timeout) from exc
+            raise
 
 
 def _connect_error(path: str, exc: OSError, timeout: float) -> ControlError:

@@ -4,9 +4,18 @@ The program is started directly from the argv list, never through a shell, so a 
 argument can never become shell syntax. The transcript (UTF-8, then one newline) is its stdin; the
 final's fields are ``PTTD_*`` environment variables (``PTTD_TURN_ORDER``, ``PTTD_SESSION_ID``,
 ``PTTD_PRESS_ID``, ``PTTD_AUDIO_MS``, ``PTTD_LATENCY_MS``, ``PTTD_TS``, ``PTTD_EVENT=final``,
-``PTTD_ATTEMPT`` and any extra field such as ``PTTD_LATE``), added to pttd's own environment minus
-``ASSEMBLYAI_API_KEY``. Its stdout and stderr are not pttd's (they would corrupt jsonl events):
-they go to a temporary file whose tail is logged when the run fails.
+``PTTD_ATTEMPT`` and any extra field such as ``PTTD_LATE``), added to an allow-list of pttd's own
+environment (``PATH``, ``HOME``, ``USER``, ``LOGNAME``, ``LANG``, ``LANGUAGE``, ``LC_*``, ``TZ``,
+``TMPDIR``): nothing else is passed on, so neither ``ASSEMBLYAI_API_KEY`` nor
+``CREDENTIALS_DIRECTORY`` (where systemd puts the key) reaches the hook.
+
+Its stdout and stderr are not pttd's (they would corrupt jsonl events): they share one pipe that
+the hook thread reads, keeping only the last ``OUTPUT_TAIL`` bytes (logged when the run fails),
+never a file. Past ``OUTPUT_LIMIT`` bytes in one run the pipe is closed, as ``| head`` would: the
+hook's next write gets SIGPIPE/EPIPE, and a flood of output costs pttd neither disk, memory nor
+more than a moment of CPU. Right after it starts the hook's ``RLIMIT_CORE`` is set to 0 and its
+``RLIMIT_FSIZE`` to ``FILE_SIZE_LIMIT`` (no file it writes grows past that), inherited by its
+children.
 
 A run that exits non-zero, or outlives ``timeout_s`` (its whole process group is then sent
 SIGTERM, and SIGKILL one second later), is logged with its exit status and retried up to
@@ -25,9 +34,10 @@ import json
 import logging
 import os
 import queue
+import resource
+import selectors
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Sequence
@@ -38,7 +48,11 @@ KILL_GRACE_S = 1.0      # SIGTERM → SIGKILL on timeout
 STOP_KILL_GRACE_S = 0.2  # the same when pttd is stopping (its 5 s budget is shared)
 BACKOFF_S = 0.5         # first retry pause; doubles each retry
 OUTPUT_TAIL = 2000      # bytes of the hook's output logged on failure
-_HIDDEN_ENV = ("ASSEMBLYAI_API_KEY",)
+OUTPUT_LIMIT = 1 << 20  # bytes of output read per run; then the pipe is closed
+FILE_SIZE_LIMIT = 64 << 20  # the hook's RLIMIT_FSIZE: the largest file it may write
+ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+"""Variables of pttd's environment passed on to the hook (plus ``LC_*``); nothing else is."""
+_CHUNK = 65536         # bytes per pipe read or write
 _STOP = object()
 
 
@@ -136,40 +150,51 @@ class HookSink:
 
     def _attempt(self, event: dict, attempt: int) -> str | None:
         """One run; None on success, else a short description of the failure (already logged)."""
-        with tempfile.TemporaryFile() as output:
-            try:
-                proc = self._spawn(event, attempt, output)
-            except OSError as exc:
-                log.error("hook %s cannot be started: %s", self.argv[0], exc.strerror or exc)
-                return "unstartable"
-            code, timed_out = self._wait(proc, _stdin_bytes(event))
-            if code == 0 and not timed_out:
-                log.debug("hook %s done for press %s", self.argv[0], event.get("press_id"))
-                return None
-            what = (f"timed out after {self.timeout_s:g} s (process group killed)" if timed_out
-                    else _exit_text(code))
-            log.warning("hook %s failed for press %s (attempt %d of %d): %s%s", self.argv[0],
-                        event.get("press_id"), attempt, self.retries + 1, what, _tail(output))
-            return what
+        try:
+            proc = self._spawn(event, attempt)
+        except OSError as exc:
+            log.error("hook %s cannot be started: %s", self.argv[0], exc.strerror or exc)
+            return "unstartable"
+        output = HookOutput()
+        code, timed_out = self._wait(proc, _stdin_bytes(event), output)
+        if code == 0 and not timed_out:
+            if output.cut:
+                log.warning("hook %s printed more than %d bytes for press %s; the rest was not "
+                            "read (its output pipe was closed)%s", self.argv[0], OUTPUT_LIMIT,
+                            event.get("press_id"), output.describe())
+            log.debug("hook %s done for press %s", self.argv[0], event.get("press_id"))
+            return None
+        what = (f"timed out after {self.timeout_s:g} s (process group killed)" if timed_out
+                else _exit_text(code))
+        log.warning("hook %s failed for press %s (attempt %d of %d): %s%s", self.argv[0],
+                    event.get("press_id"), attempt, self.retries + 1, what, output.describe())
+        return what
 
-    def _spawn(self, event: dict, attempt: int, output) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=output,
+    def _spawn(self, event: dict, attempt: int) -> subprocess.Popen:
+        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=hook_env(event, attempt),
                                 start_new_session=True, close_fds=True)
+        limit_resources(proc.pid)
         with self._proc_lock:
             self._proc = proc
         self.runs += 1
         return proc
 
-    def _wait(self, proc: subprocess.Popen, stdin: bytes) -> tuple[int, bool]:
-        """Feed stdin and wait up to the timeout; on timeout kill the group. (exit code, timed out)."""
+    def _wait(self, proc: subprocess.Popen, stdin: bytes, output: "HookOutput") -> tuple[int, bool]:
+        """Feed stdin, read the output, wait for the exit, all within the timeout; on timeout
+        kill the group. Returns (exit code, timed out)."""
+        deadline = time.monotonic() + self.timeout_s
         try:
-            proc.communicate(stdin, timeout=self.timeout_s)
-            timed_out = False
+            timed_out = not _pump(proc, stdin, output, deadline)
+            if not timed_out:
+                proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+        finally:
             _close_quietly(proc.stdin)
+            _close_quietly(proc.stdout)
+        if timed_out:
+            _kill_group(proc)
         with self._proc_lock:
             self._proc = None
         return proc.returncode, timed_out
@@ -182,9 +207,101 @@ class HookSink:
             _kill_group(proc, grace=STOP_KILL_GRACE_S)
 
 
+class HookOutput:
+    """What one run printed: every byte is counted, only the last ``keep`` are kept."""
+
+    def __init__(self, keep: int = OUTPUT_TAIL, limit: int = OUTPUT_LIMIT):
+        self.keep = keep
+        self.limit = limit
+        self.total = 0
+        self.cut = False   # the limit was reached and the pipe closed
+        self._tail = bytearray()
+
+    def add(self, data: bytes) -> bool:
+        """Record a read; False once more than ``limit`` bytes came (stop reading then)."""
+        self.total += len(data)
+        self._tail += data[-self.keep:]
+        del self._tail[:-self.keep]
+        if self.total > self.limit:
+            self.cut = True
+        return not self.cut
+
+    @property
+    def tail(self) -> bytes:
+        return bytes(self._tail)
+
+    def describe(self) -> str:
+        """``"; output: ..."`` for the log line ('' when the hook printed nothing)."""
+        text = self._tail.decode("utf-8", "replace").strip()
+        if not text:
+            return ""
+        if self.cut:
+            return f"; output (over {self.limit} bytes, pipe closed; the last read): {text}"
+        return f"; output: {text}"
+
+
+def _pump(proc: subprocess.Popen, stdin: bytes, output: HookOutput, deadline: float) -> bool:
+    """Write ``stdin`` and read the output until EOF (or ``output`` is full: the read end is then
+    closed); False when ``deadline`` passes first."""
+    pending = memoryview(stdin)
+    with selectors.DefaultSelector() as sel:
+        for pipe, events in ((proc.stdin, selectors.EVENT_WRITE), (proc.stdout, selectors.EVENT_READ)):
+            os.set_blocking(pipe.fileno(), False)
+            sel.register(pipe, events)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for key, _ in sel.select(remaining):
+                if key.fileobj is proc.stdin:
+                    pending = _feed(proc.stdin, pending)
+                    done = not pending
+                else:
+                    done = not _drain_into(proc.stdout, output)
+                if done:
+                    sel.unregister(key.fileobj)
+                    _close_quietly(key.fileobj)
+    return True
+
+
+def _feed(pipe, pending: memoryview) -> memoryview:
+    """Write what the pipe takes now; empty when all is written or the hook closed its stdin."""
+    try:
+        return pending[os.write(pipe.fileno(), pending[:_CHUNK]):]
+    except BlockingIOError:
+        return pending
+    except OSError:  # EPIPE: the hook does not read its stdin, which is fine
+        return pending[:0]
+
+
+def _drain_into(pipe, output: HookOutput) -> bool:
+    """Read what is there; False at EOF or when ``output`` wants no more."""
+    try:
+        data = os.read(pipe.fileno(), _CHUNK)
+    except BlockingIOError:
+        return True
+    return bool(data) and output.add(data)
+
+
+def limit_resources(pid: int) -> None:
+    """No core dumps, no file over FILE_SIZE_LIMIT, for the hook and what it starts."""
+    for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT)):
+        try:
+            _soft, hard = resource.getrlimit(limit)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.prlimit(pid, limit, (value, value))
+        except ProcessLookupError:
+            return  # already gone
+        except OSError as exc:  # e.g. a seccomp filter without prlimit64: the run goes on
+            log.warning("hook: cannot limit the hook's resources: %s", exc.strerror or exc)
+            return
+
+
 def hook_env(event: dict, attempt: int = 1, base: dict | None = None) -> dict:
-    """pttd's environment (minus secrets) plus the final's fields as ``PTTD_*`` variables."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _HIDDEN_ENV}
+    """The allowed part of pttd's environment plus the final's fields as ``PTTD_*`` variables."""
+    source = os.environ if base is None else base
+    env = {k: v for k, v in source.items() if k in ENV_ALLOWED or k.startswith("LC_")}
     for key, value in event.items():
         if key in ("text", "event") or value is None:
             continue
@@ -247,15 +364,3 @@ def _exit_text(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-def _tail(output) -> str:
-    """The end of what the hook printed, for the failure log line."""
-    try:
-        size = output.seek(0, os.SEEK_END)
-        output.seek(max(0, size - OUTPUT_TAIL))
-        text = output.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    return f"; output: {text}" if text else ""
-

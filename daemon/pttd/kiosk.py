@@ -19,6 +19,17 @@ Who may connect to ``/ws`` (checked before the upgrade, so a refused client gets
   or an exact entry of ``[kiosk] allowed_origins``. Anything else, including ``null``: 403.
 * More than ``max_clients`` connections: 503. A repeated Origin/Host/Authorization header: 400.
 
+Without a token, a loopback ``listen`` is open to every process on the machine (any local user):
+no Origin header passes, so a script needs neither the token nor the control socket's group
+permission. That is the contract (the token is required only off loopback); ``start`` logs a
+warning saying so, and the README's kiosk section tells who can reach what.
+
+TCP connections are bounded whatever they do: at most ``max_connections`` at once (upgraded
+clients, page requests and handshakes in progress); one more closes the oldest that has not
+finished its handshake, so a flood of silent connections can neither use up pttd's file
+descriptors (which would starve the control socket) nor keep a real client out. A handshake
+must be done within ``HANDSHAKE_TIMEOUT_S``.
+
 A client that disconnects while it holds the button (sent ``press``, no ``release`` yet, the turn
 still open) gets a ``release`` sent on its behalf: a closed tab must not leave pttd listening.
 
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import http
 import json
@@ -46,6 +58,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from .control import MAX_LINE, SUBSCRIBE, RequestError, parse_request
 
@@ -69,6 +82,8 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _TURN_OVER = ("idle", "finalizing")   # states after which no client holds the button any more
 PRESS, RELEASE = "press", "release"
 STOP_GRACE_S = 1.5
+HANDSHAKE_TIMEOUT_S = 5.0   # a connection that has not finished its HTTP request/upgrade is closed
+_WARN_EVERY_S = 10.0        # at most one warning about a connection flood this often
 
 
 class KioskError(OSError):
@@ -82,6 +97,22 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ValueError(f"kiosk listen address {listen!r} must be HOST:PORT")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return host, int(port)
+
+
+class _TrackedConnection(ServerConnection):
+    """websockets' connection, reporting its TCP connection's start and end to the kiosk."""
+
+    def __init__(self, *args, kiosk: "KioskServer", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kiosk = kiosk
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._kiosk._connection_made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._kiosk._connection_lost(self)
+        super().connection_lost(exc)
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,14 +129,16 @@ class KioskServer:
 
     def __init__(self, listen: str, handle: Callable[[str], dict], *, token: str = "",
                  allowed_origins: tuple[str, ...] | list[str] = (), max_clients: int = 16,
-                 client_queue: int = 64):
-        if max_clients < 1 or client_queue < 2:
-            raise ValueError("max_clients must be at least 1 and client_queue at least 2")
+                 client_queue: int = 64, max_connections: int = 64):
+        if max_clients < 1 or client_queue < 2 or max_connections <= max_clients:
+            raise ValueError("max_clients must be at least 1, client_queue at least 2 and "
+                             "max_connections more than max_clients")
         self.host, self.port = parse_listen(listen)
         self._handle = handle
         self._token = token
         self._allowed = {_norm_origin(o) for o in allowed_origins}
         self._max_clients = max_clients
+        self._max_connections = max_connections
         self._client_queue = client_queue
         self._pages = _load_pages()
         self._lock = threading.Lock()          # guards the snapshot fields
@@ -113,6 +146,8 @@ class KioskServer:
         self._last_final: dict | None = None
         self._accepting_commands = True
         self._clients: set[_Client] = set()    # touched on the loop thread only
+        self._connections: dict[ServerConnection, None] = {}  # every TCP connection, oldest first
+        self._last_warning = -_WARN_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -137,6 +172,11 @@ class KioskServer:
                              f"{getattr(failure[0], 'strerror', None) or failure[0]}")
         log.info("kiosk page at http://%s:%d/, WebSocket at /ws",
                  self.host or "0.0.0.0", self.port)
+        if not self._token:
+            log.warning("kiosk: no [kiosk] token, so every program on this machine (any local "
+                        "user, not only group pttd) can use ws://%s:%d/ws: press, release, read "
+                        "transcripts. Set [kiosk] token to require one (the page takes ?token=)",
+                        self.host or "0.0.0.0", self.port)
 
     def stop_commands(self) -> None:
         """Shutdown step one: refuse commands (no new turn), but keep delivering events."""
@@ -203,7 +243,8 @@ class KioskServer:
         server = await serve(self._serve_client, self.host or None, self.port,
                              process_request=self._process_request, max_size=MAX_LINE,
                              max_queue=8, close_timeout=1.0, logger=_WS_LOG,
-                             compression=None)
+                             compression=None, open_timeout=HANDSHAKE_TIMEOUT_S,
+                             create_connection=functools.partial(_TrackedConnection, kiosk=self))
         if self.port == 0:
             self.port = server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
@@ -224,6 +265,26 @@ class KioskServer:
                 client.ws.transport.abort()
         for task in waits:
             task.cancel()
+
+    def _connection_made(self, conn: ServerConnection) -> None:
+        """Over ``max_connections``: close the oldest connection still in its handshake."""
+        self._connections[conn] = None
+        if len(self._connections) <= self._max_connections:
+            return
+        victim = next((c for c in self._connections if c.state is State.CONNECTING), conn)
+        self._warn_rarely("kiosk: %d connections open; closing the oldest that has not finished "
+                          "its handshake", self._max_connections)
+        self._connections.pop(victim, None)
+        victim.transport.abort()
+
+    def _connection_lost(self, conn: ServerConnection) -> None:
+        self._connections.pop(conn, None)
+
+    def _warn_rarely(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            log.warning(msg + " (such warnings: at most one per %g s)", *args, _WARN_EVERY_S)
 
     def _broadcast(self, text: str, turn_over: bool = False) -> None:
         for client in list(self._clients):

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -93,12 +92,14 @@ def topic(device_id: str, name: str) -> str:
 
 def read_password(path: str) -> str:
     """The broker password from ``password_file`` (first line, stripped); never logged."""
+    from .config import ConfigError, read_text_file
+
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        value = read_text_file(path, "mqtt.password_file:").strip()
     except FileNotFoundError:
         raise MqttError(f"mqtt.password_file: {path} not found") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
-        raise MqttError(f"mqtt.password_file: cannot read {path} ({type(exc).__name__})") from None
+    except ConfigError as exc:  # a directory, a FIFO, no permission, not UTF-8, too large
+        raise MqttError(str(exc)) from None
     if not value:
         raise MqttError(f"mqtt.password_file: {path} is empty")
     return value
