@@ -485,9 +485,9 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
         notes["press"].append([time.monotonic(), cpu_now(), at])
         return press(self, at)
 
-    def on_release(self, at):
-        notes["release"].append([time.monotonic(), cpu_now(), at])
-        return release(self, at)
+    def on_release(self, *args):  # (at) before the press lifecycle, (press, at) since
+        notes["release"].append([time.monotonic(), cpu_now(), args[-1]])
+        return release(self, *args)
 
     controller.Controller._press, controller.Controller._release = on_press, on_release
 

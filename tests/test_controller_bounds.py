@@ -66,7 +66,7 @@ def test_offline_queue_is_bounded_and_drops_the_oldest_press():
                 dropped.append(e)
         assert dropped and "press 1 dropped" in dropped[0]["message"]
         assert c.state.value == "offline"
-        kept = [p for p in c._presses if not p.done]
+        kept = [p for p in c._presses if not p.ended]
         assert [p.press_id for p in kept] == [2, 3]
         assert sum(p.audio.samples for p in kept if p.audio) <= 2.5 * 16000
     finally:

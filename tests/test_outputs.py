@@ -343,7 +343,7 @@ def test_failing_sink_is_logged_once_and_never_raises(threaded, caplog):
         outputs.emit(event)
     outputs.close()
     assert good.events == [STATE, FINAL, ERROR] and good.closed
-    assert broken.calls == 3
+    assert broken.calls == 3 and outputs.failures == 3  # logged once, every failure counted
     assert len([r for r in caplog.records if r.message.startswith("output Broken failed")]) == 1
 
 
@@ -422,6 +422,7 @@ def test_a_failing_inline_sink_is_logged_once_and_never_raises(caplog):
         outputs.emit(event)
     outputs.close()
     assert good.events == [STATE, FINAL, ERROR] and broken.calls == 3
+    assert outputs.failures == 3
     assert len([r for r in caplog.records if r.message.startswith("output BrokenInline")]) == 1
 
 

@@ -7,8 +7,11 @@ exit 2 with one readable line instead of a traceback or a silently ignored typo.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -61,9 +64,23 @@ def _one_of(*choices: Any) -> Callable[[Any], str | None]:
 
 
 def _url(v: str) -> str | None:
-    if v == "local" or v.startswith(("ws://", "wss://")):
+    """ "local", or a ws:// / wss:// URL websocket-client can connect to (a host, a valid port):
+    caught at start-up, not at the first press."""
+    if v == "local":
         return None
-    return 'must be a ws:// or wss:// URL, or "local"'
+    bad = 'must be a ws:// or wss:// URL with a host, or "local"'
+    try:
+        parts = urllib.parse.urlsplit(v)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"{bad} ({exc})"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        return bad
+    if port == 0:
+        return f"{bad} (port 0)"
+    if any(c.isspace() for c in v):
+        return f"{bad} (no spaces)"
+    return None
 
 
 def _str_list(v: list) -> str | None:
@@ -263,21 +280,66 @@ def load_config(path: str | None, environ: dict | None = None, *, require_file: 
     """Read and validate a TOML file; ``path=None`` gives the defaults."""
     if path is None:
         return from_dict({}, environ=environ)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        if require_file:
-            raise ConfigError(f"config file {path} not found (pass -c FILE or set PTTD_CONFIG)") from None
-        data = {}
-    except PermissionError:
-        raise ConfigError(f"config file {path}: permission denied") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    data = _read_toml(path, require_file)
     try:
         return from_dict(data, path=path, environ=environ)
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+
+
+MAX_FILE_BYTES = 1 << 20
+"""The largest config or secret file read (a bigger one is a mistake: -c /var/log/syslog)."""
+
+
+def _read_toml(path: str, require_file: bool) -> dict:
+    """The parsed file; any problem reading it is a ConfigError naming it (``{}`` for a missing
+    file that is not required)."""
+    try:
+        text = read_text_file(path, "config file")
+    except FileNotFoundError:
+        if require_file:
+            raise ConfigError(f"config file {path} not found (pass -c FILE or set PTTD_CONFIG)") from None
+        return {}
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+
+
+def read_text_file(path: str | os.PathLike, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of a small regular file. Every way of failing is a :class:`ConfigError`
+    reading ``"<what> <path> ..."`` (``what``: "config file", "stt.api_key_file:", ...), except
+    a missing file, which raises FileNotFoundError for the caller to word. A FIFO or a device
+    is refused without blocking on it or reading it forever; the content is never quoted (it
+    may be a secret)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {_os_reason(exc)}") from None
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        if stat.S_ISDIR(kind):
+            raise ConfigError(f"{what} {path} is a directory, not a file")
+        raise ConfigError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: cannot read it: {_os_reason(exc)}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid UTF-8 (at byte {exc.start}); "
+                          f"save it as UTF-8") from None
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def from_dict(data: dict, path: str = "", environ: dict | None = None) -> Config:
@@ -376,8 +438,19 @@ def _check_led_patterns(leds: LedsConfig) -> None:
 
 
 def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    """Whether HOST of ``HOST:PORT`` is a loopback address, decided on the parsed address: a
+    host name is not loopback (whatever it resolves to), except ``localhost``."""
+    host = listen.rpartition(":")[0].strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name, "" (every interface) or garbage
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
@@ -401,11 +474,9 @@ def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
 
 def _read_key(path: Path, origin: str, allow_empty: bool = False) -> Secret:
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = read_text_file(path, f"{origin}:").strip()
     except FileNotFoundError:
         raise ConfigError(f"{origin}: {path} not found") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{origin}: cannot read {path} ({type(exc).__name__})") from None
     if not value and not allow_empty:
         raise ConfigError(f"{origin}: {path} is empty")
     return Secret(value, origin=origin)

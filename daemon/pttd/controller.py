@@ -5,6 +5,9 @@ puts items on this controller's bounded queue. Each press gets its own streamer 
 warm session is idle, its own session, so a press while the previous turn is finalizing starts
 a new turn without touching the old one. A press whose session fails before its final is
 replayed from the ring buffer on a new session, from just after the last word already delivered.
+Each press's phase is stored on it (press.py) and every phase has a deadline, checked here, so a
+press always ends: with its last final, with one error event carrying its ``press_id``, with
+nothing said, or cancelled.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from typing import Callable
 from . import events, protocol
 from .events import State
 from .mailbox import Mailbox
-from .protocol import Begin, FinalTurn, Turn
+from .press import Outcome, Press, PressPhase
+from .protocol import Begin, FinalTurn, Turn, WarningMessage
 from .session import Session, SessionClosed
 from .streamer import StreamDone, StreamFailed, Streamer
 
@@ -91,42 +95,13 @@ class Settings:
     # presses waiting for the network keep their audio outside the ring buffer, up to this
     # much in all; past it the oldest waiting press is dropped (reported as an error event)
     offline_queue_s: float = 60.0
-
-
-# --- per-press bookkeeping -----------------------------------------------------------------------
-
-@dataclass
-class Press:
-    press_id: int
-    start_pos: int
-    pressed_at: float
-    released_at: float | None = None
-    end_pos: int | None = None           # requested end (release + post-roll)
-    session: Session | None = None
-    streamer: Streamer | None = None
-    stream_base_ms: float = 0.0          # session stream time at this press's first sample
-    replay_pos: int | None = None        # ring position to resume from after a failure
-    attempts: int = 0
-    retry_at: float | None = None
-    fe_sent_at: float | None = None
-    final_deadline: float | None = None
-    heard_speech: bool = False
-    last_partial: str = ""               # text of the turn in progress ("" once finalized)
-    overdue_replayed: bool = False
-    audio: object = None                 # a ring.Snapshot once the press waits offline
-    finals: int = 0
-    cancelled: bool = False
-    engine: str = "cloud"                # "cloud" or "local" (the offline engine)
-    queued: bool = False                 # waiting for the network / an earlier press
-    late: bool = False                   # delivered after the network came back
-    done: bool = False
-    ending_by: float | None = None       # last final handed out; ends when it is out, or then
-    lost_samples: int = 0
-    audio_ms: float = 0.0
-
-    @property
-    def released(self) -> bool:
-        return self.released_at is not None
+    # phase deadlines (press.py): a session that reports neither Begin nor its end by then is
+    # given up (the Session's own connect + Begin timeouts are 10 + 10 s); a released press's
+    # audio must be on the wire within the audio left plus this margin; a press held this long
+    # is released (a stuck button must not stream, and bill, for ever)
+    connect_deadline_s: float = 30.0
+    send_margin_s: float = 15.0
+    max_press_s: float = 3600.0
 
 
 class Controller:
@@ -135,13 +110,17 @@ class Controller:
     def __init__(self, *, ring, settings: Settings, session_factory: Callable[..., Session],
                  emit: Callable[[dict], None], on_state: Callable[[State, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None):
+                 emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None,
+                 streamer_factory: Callable[..., Streamer] = Streamer):
         """``emit_confirmed(event, on_delivered)`` (optional; ``Outputs.emit``) emits like
         ``emit`` and calls ``on_delivered`` once the outputs have the event: a press's last
-        final is emitted so, and the press ends when it is out (``FINAL_OUT_WAIT_S``)."""
+        final is emitted so, and the press ends when it is out (``FINAL_OUT_WAIT_S``).
+        ``clock`` times every deadline; ``streamer_factory`` builds a press's streamer (tests
+        drive the lifecycle with their own)."""
         self.ring = ring
         self.s = settings
         self._new_session = session_factory
+        self._new_streamer = streamer_factory
         self._emit = emit
         self._emit_confirmed = emit_confirmed
         self._on_state = on_state
@@ -150,7 +129,7 @@ class Controller:
         self._q = Mailbox(QUEUE_BOUND)
         self._thread = threading.Thread(target=self._main, name="controller", daemon=True)
         self._presses: list[Press] = []
-        # finished presses whose sessions may still deliver a late final (bounded)
+        # ended presses, so a late message of theirs is recognised (and dropped) (bounded)
         self._recent: collections.deque[Press] = collections.deque(maxlen=32)
         self._press_counter = 0
         self._warm: Session | None = None
@@ -160,12 +139,12 @@ class Controller:
         self._mic_offline: str | None = None
         self._net_down: str | None = None     # why the server cannot be reached, while so
         self._cloud_retry_at: float | None = None  # fallback: use the local engine until then
-        self._toggled_on = False
         self._stopping: _Stop | None = None
         self.state = State.IDLE
         self.state_detail = ""
         self.last_final: dict | None = None
         self.dropped_items = 0
+        self.errors = 0                       # items whose handling raised (a pttd bug)
 
     # --- thread-safe entry points ----------------------------------------------------------------
 
@@ -217,14 +196,33 @@ class Controller:
             except queue.Empty:
                 item = None
             try:
-                if item is not None:
-                    self._handle(item)
-                self._check_deadlines()
+                self.process(item)
             except Exception:
+                # a pttd bug; the presses' deadlines still end whatever it left half done
+                self.errors += 1
                 log.exception("controller error (carrying on)")
             if self._stopping is not None and self._stop_complete():
                 self._shutdown_sessions()
                 return
+
+    def process(self, item: object | None) -> None:
+        """One pass of the loop: handle ``item`` (None: nothing arrived), then act on every
+        deadline that has passed. Tests drive a controller without its thread through this."""
+        if item is not None:
+            self._handle(item)
+        self._check_deadlines()
+
+    def process_queued(self) -> int:
+        """Process every item already queued, without waiting (tests that drive a controller
+        without its thread); returns how many there were."""
+        n = 0
+        while True:
+            try:
+                item = self._q.get(timeout=0)
+            except queue.Empty:
+                return n
+            self.process(item)
+            n += 1
 
     def _handle(self, item: object) -> None:
         if isinstance(item, Command):
@@ -234,11 +232,12 @@ class Controller:
         elif isinstance(item, StreamDone):
             self._on_stream_done(item)
         elif isinstance(item, StreamFailed):
-            log.error("streaming failed: %s", item.reason)
+            self._on_stream_failed(item)
         elif isinstance(item, SourceStatus):
             self._on_source(item)
         elif isinstance(item, _FinalOut):
-            self._end_press(item.press)
+            if item.press.phase is PressPhase.DELIVERING:
+                self._end(item.press, Outcome.FINAL, terminate=True)
         elif isinstance(item, _Stop):
             self._begin_stop(item)
 
@@ -253,20 +252,26 @@ class Controller:
                 return
             name = "toggle"
         if name == "toggle":
-            name = "release" if self._active() and not self._active().released else "press"
+            name = "release" if self._active() is not None else "press"
         if name == "press":
             self._press(cmd.at)
         elif name == "release":
-            self._release(cmd.at)
+            press = self._active()
+            if press is not None:
+                self._release(press, cmd.at)
         elif name == "cancel":
             self._cancel()
+        self._refresh_state()
 
     def _active(self) -> Press | None:
-        """The newest press that is not yet released (at most one)."""
+        """The newest press that is held (not yet released; at most one)."""
         for p in reversed(self._presses):
-            if not p.released and not p.done:
+            if p.held:
                 return p
         return None
+
+    def _live(self) -> list[Press]:
+        return [p for p in self._presses if not p.ended]
 
     def _press(self, at: float) -> None:
         if self._active() is not None:
@@ -278,34 +283,33 @@ class Controller:
             start = max(start, previous.streamer.end if previous.streamer and previous.streamer.end
                         else previous.end_pos)
         self._press_counter += 1
-        press = Press(self._press_counter, start, at)
-        waiting = [p for p in self._presses if not p.done and (p.queued or p.retry_at)]
+        press = Press(self._press_counter, start, at)  # WAITING, no deadline: queued
+        waiting = any(p.phase is PressPhase.WAITING for p in self._live())
         self._presses.append(press)
         self._auth_blocked = False  # an explicit press earns one more try after a 1008
         if self._net_down or waiting:
-            press.queued = press.late = True  # captured now, sent in order when it can be
+            press.late = True  # captured now, sent in order when it can be
         else:
             self._open_session(press)
-        self._refresh_state()
 
-    def _release(self, at: float) -> None:
-        press = self._active()
-        if press is None:
-            return
+    def _release(self, press: Press, at: float) -> None:
         press.released_at = at
         postroll = self.s.postroll_ms * self.s.sample_rate // 1000
         press.end_pos = self.ring.position_at(at) + postroll
-        if press.streamer is not None:
-            press.streamer.finish(press.end_pos)
-        self._refresh_state()
+        if press.phase is PressPhase.STREAMING:
+            press.end_pos = press.streamer.finish(press.end_pos)
+            press.move(PressPhase.FINALIZING, self._send_deadline(press))
+
+    def _send_deadline(self, press: Press) -> float:
+        """When the rest of a released press's audio and its ForceEndpoint must be on the wire:
+        the streamer sends at least as fast as real time, so the audio left, plus a margin."""
+        cursor = getattr(press.streamer, "cursor", press.start_pos)
+        left_s = max(0, press.end_pos - cursor) / self.s.sample_rate
+        return self._clock() + left_s + self.s.send_margin_s
 
     def _cancel(self) -> None:
-        live = [p for p in self._presses if not p.done]
-        for press in live:
-            press.cancelled = True
-        for press in live:
-            self._finish_press(press, terminate=True)
-        self._refresh_state()
+        for press in self._live():
+            self._end(press, Outcome.CANCELLED, terminate=True)
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -317,36 +321,49 @@ class Controller:
             self._start_streaming(press)
             return
         press.attempts += 1
-        press.retry_at = None
         log.debug("press %d: opening session (attempt %d)", press.press_id, press.attempts)
         if (self.s.fallback and self._cloud_retry_at is not None
                 and self._clock() < self._cloud_retry_at):
             press.engine = "local"
-        session = self._new_session(on_event=self.on_session_event, engine=press.engine)
+        session = None
+        try:
+            session = self._new_session(on_event=self.on_session_event, engine=press.engine)
+            session.start()
+        except Exception as exc:  # a bad URL, no thread to be had: never raised on this thread
+            log.exception("press %d: cannot open a session", press.press_id)
+            if session is not None:
+                session.close(0)
+            self._fail_press(press, None, f"cannot open a session: {type(exc).__name__}: {exc}")
+            return
         press.session = session
-        session.start()
+        press.move(PressPhase.CONNECTING, self._clock() + self.s.connect_deadline_s)
 
     def _press_of(self, session: Session) -> Press | None:
-        for p in self._presses:
+        """The newest press that used ``session`` (a warm session serves one press after another)."""
+        for p in reversed(self._presses):
             if p.session is session:
                 return p
-        for p in self._recent:
+        for p in reversed(self._recent):
             if p.session is session:
                 return p
         return None
 
     def _on_session(self, session: Session, event: object) -> None:
         press = self._press_of(session)
+        if press is not None and press.ended:
+            if isinstance(event, FinalTurn) and self._late_final(press, session, event):
+                return
+            press = None  # a message for a press that has ended (e.g. a warm session's ghost)
         if isinstance(event, Begin):
             self._net_down = None
-            if press is not None and not press.done:
+            if press is not None and press.phase is PressPhase.CONNECTING:
                 press.stream_base_ms = 0.0
                 self._start_streaming(press)
                 self._refresh_state()
-            elif session is not self._warm:
-                session.close(0)
+            elif press is None and session is not self._warm:
+                session.close(0)  # nobody wants it (its press ended while it connected)
         elif isinstance(event, Turn):
-            if press is not None and not press.cancelled and event.text != press.last_partial:
+            if press is not None and event.text != press.last_partial:
                 press.heard_speech = press.heard_speech or bool(event.text)
                 press.last_partial = event.text
                 if event.text:
@@ -355,26 +372,61 @@ class Controller:
             self._on_final(press, session, event)
         elif isinstance(event, SessionClosed):
             self._on_closed(press, session, event)
+        elif isinstance(event, WarningMessage):
+            log.warning("%s: server warning %s: %s", getattr(session, "name", "session"),
+                        event.code, event.message)
+            self._emit(events.warning_event(event.code, event.message))
 
     def _start_streaming(self, press: Press) -> None:
         start = press.replay_pos if press.replay_pos is not None else press.start_pos
-        chunk = self._chunk()
         source = press.audio if press.audio is not None else self.ring
-        streamer = Streamer(source, press.session, start, chunk, post=self.post,
-                            sample_rate=self.s.sample_rate, name=f"streamer-{press.press_id}")
-        press.streamer = streamer
+        try:
+            streamer = self._new_streamer(source, press.session, start, self._chunk(),
+                                          post=self.post, sample_rate=self.s.sample_rate,
+                                          name=f"streamer-{press.press_id}")
+            press.streamer = streamer
+            if press.end_pos is not None:
+                press.end_pos = streamer.finish(press.end_pos)
+            streamer.start()
+        except Exception as exc:  # no thread to be had: the press fails like a broken stream
+            log.exception("press %d: cannot start streaming", press.press_id)
+            press.streamer = None
+            self._fail_press(press, None, f"cannot stream: {type(exc).__name__}: {exc}")
+            return
         if press.replay_pos is not None:
             # replayed audio restarts the session's stream clock at the replay point
             press.stream_base_ms -= (start - press.start_pos) * 1000 / self.s.sample_rate
-        if press.end_pos is not None:
-            streamer.finish(press.end_pos)
-        streamer.start()
+        if press.end_pos is None:
+            press.move(PressPhase.STREAMING, self._clock() + self.s.max_press_s)
+        else:
+            press.move(PressPhase.FINALIZING, self._send_deadline(press))
+
+    def _streaming_press(self, streamer: object) -> Press | None:
+        return next((p for p in self._presses if p.streamer is streamer and not p.ended), None)
 
     def _on_stream_done(self, done: StreamDone) -> None:
-        press = next((p for p in self._presses if p.streamer is done.streamer), None)
-        if press is None or press.done or press.fe_sent_at is not None:
+        press = self._streaming_press(done.streamer)
+        if press is None or press.phase is not PressPhase.FINALIZING or press.fe_sent_at is not None:
             return  # (its final overtook this report: _on_final has done the below)
         self._force_endpoint_sent(press, done.streamer)
+
+    def _on_stream_failed(self, failed: StreamFailed) -> None:
+        """A streamer died: replay the press on a new session once, like a dropped session;
+        a second failure is not a passing fault, so the press ends with an error."""
+        press = self._streaming_press(failed.streamer)
+        if press is None:
+            return
+        log.error("press %d: streaming failed: %s", press.press_id, failed.reason)
+        press.stream_failures += 1
+        if press.stream_failures > 1:
+            self._fail_press(press, None, f"streaming failed: {failed.reason}")
+            return
+        session = press.session
+        self._session_failed(press, SessionClosed(
+            code=None, reason=f"streaming failed: {failed.reason}", before_begin=False,
+            policy=protocol.policy_for(None)))
+        if session is not None:
+            session.close(0)
 
     def _force_endpoint_sent(self, press: Press, streamer: Streamer) -> None:
         """The press's audio and ForceEndpoint are on the wire: wait (bounded) for its final."""
@@ -383,45 +435,34 @@ class Controller:
         press.lost_samples += streamer.lost_samples
         press.audio_ms = (streamer.end - press.start_pos) * 1000 / self.s.sample_rate
         press.fe_sent_at = streamer.force_endpoint_at
-        # the short wait is for a press with nothing said; a replayed press may never have had
-        # the chance to show its words, so it gets the full wait
-        sure_empty = not press.heard_speech and press.attempts <= 1 and press.replay_pos is None
+        # the short wait is for a press with nothing pending: nothing said, or every word shown
+        # already in a final (the server ended the turn on silence before the release); a
+        # replayed press may never have had the chance to show its words: it gets the full wait
+        # (a final later than the short wait is still delivered: _late_final)
+        nothing_pending = not press.heard_speech or (press.finals > 0 and not press.last_partial)
+        sure_empty = nothing_pending and press.attempts <= 1 and press.replay_pos is None
         wait = self.s.empty_final_timeout_s if sure_empty else self.s.final_timeout_s
-        press.final_deadline = self._clock() + wait
+        press.deadline = self._clock() + wait  # still FINALIZING: now waiting for the final
 
     def _on_final(self, press: Press | None, session: Session, final: FinalTurn) -> None:
         turn = final.turn
-        if press is None or press.cancelled:
-            log.info("dropping a final of a cancelled or unknown press")
+        if press is None or press.session is not session:
+            log.info("dropping a final that belongs to no live press (turn %d on %s)",
+                     turn.turn_order, getattr(session, "name", "?"))
             return
-        if press.done:
-            log.warning("press %d: final arrived after its wait ended; delivering it late",
-                        press.press_id)
         streamer = press.streamer
-        if (not press.done and press.fe_sent_at is None and streamer is not None
-                and streamer.force_endpoint_at):
+        if (press.phase is PressPhase.FINALIZING and press.fe_sent_at is None
+                and streamer is not None and streamer.force_endpoint_at):
             # The server answered the ForceEndpoint before the streamer's StreamDone reached this
             # queue (the streamer marks it before sending, so the mark is there by now): this is
             # the press's last final, not a turn the server ended on silence mid-press.
             self._force_endpoint_sent(press, streamer)
-        last = press.fe_sent_at is not None  # the answer to ForceEndpoint: the press ends
-        now_wall = time.time()
-        latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
-        extra = {}
-        if press.lost_samples:
-            extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
-        if press.late:
-            extra["late"] = True
-        if press.engine == "local":
-            extra["engine"] = "local"
+        last = press.phase is PressPhase.FINALIZING and press.fe_sent_at is not None
         if turn.transcript:
-            event = events.final_event(turn.transcript, turn.turn_order, session.id or "",
-                                       press.press_id, self._audio_ms(press), latency,
-                                       ts=now_wall, **extra)
+            event = self._final_event(press, session, turn)
             self.last_final = event
-            if last and self._emit_confirmed is not None and not press.done:
-                press.ending_by = self._clock() + FINAL_OUT_WAIT_S
-                press.final_deadline = None
+            if last and self._emit_confirmed is not None:
+                press.move(PressPhase.DELIVERING, self._clock() + FINAL_OUT_WAIT_S)
                 self._emit_confirmed(event, lambda: self.post(_FinalOut(press)))
             else:
                 self._emit(event)
@@ -431,14 +472,47 @@ class Controller:
         if last_word_end is not None:
             ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
                                              * self.s.sample_rate / 1000)
+            # a word time beyond the audio sent is the server's nonsense: never past the end
+            ring_pos = min(ring_pos, self.ring.end if press.end_pos is None
+                           else min(press.end_pos, self.ring.end))
             press.replay_pos = max(press.replay_pos or press.start_pos, ring_pos)
-        if last and press.ending_by is None:
-            self._end_press(press)
+        if last and press.phase is PressPhase.FINALIZING:
+            self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=True)
+            self._refresh_state()
 
-    def _end_press(self, press: Press) -> None:
-        """The press's last final is out (or had no words): stop, Terminate, show the new state."""
-        self._finish_press(press, terminate=True)
-        self._refresh_state()
+    def _late_final(self, press: Press, session: Session, final: FinalTurn) -> bool:
+        """A final for a press that ended because its wait ran out with no words pending, from
+        its own session, within ``final_timeout_s`` of that end, while that session is only
+        ending or kept warm (not abandoned, not serving a later press): the server was slower
+        than the short wait. It is the press's answer after all, so it is delivered (once)."""
+        if (not press.waited_out or press.session is not session
+                or not final.turn.transcript
+                or (session not in self._closing and session is not self._warm)  # given up
+                or self._clock() > press.ended_at + self.s.final_timeout_s):
+            return False
+        log.warning("press %d: final arrived after its wait ended; delivering it late",
+                    press.press_id)
+        press.late_final()
+        self.last_final = self._final_event(press, session, final.turn)
+        self._emit(self.last_final)
+        press.finals += 1
+        press.last_partial = ""
+        return True
+
+    def _final_event(self, press: Press, session: Session, turn: Turn) -> dict:
+        latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
+        extra = {}
+        if press.lost_samples:
+            extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
+        if press.late:
+            extra["late"] = True
+        if press.engine == "local":
+            extra["engine"] = "local"
+        if turn.language_code and isinstance(turn.language_code, str):
+            extra["language_code"] = turn.language_code
+        return events.final_event(turn.transcript, turn.turn_order, session.id or "",
+                                  press.press_id, self._audio_ms(press), latency,
+                                  ts=time.time(), **extra)
 
     def _audio_ms(self, press: Press) -> int:
         if press.audio_ms:
@@ -449,26 +523,31 @@ class Controller:
         self._closing.discard(session)
         if session is self._warm:
             self._warm, self._warm_until = None, None
-        if press is None or press.done or closed.local:
+        if press is None or press.session is not session or closed.local:
             return
-        if ((closed.policy.kind == "normal" and press.fe_sent_at is not None)
-                or press.ending_by is not None):  # its last final is already out
-            self._finish_press(press, terminate=False)
-            self._refresh_state()
-            return
-        self._session_failed(press, closed)
+        if press.phase is PressPhase.DELIVERING:  # its last final is already out
+            self._end(press, Outcome.FINAL, terminate=False)
+        elif (closed.policy.kind == "normal" and press.fe_sent_at is not None
+              and not press.last_partial):  # ended cleanly after ForceEndpoint, nothing said
+            self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=False)
+        else:
+            self._session_failed(press, closed)
+        self._refresh_state()
 
     def _session_failed(self, press: Press, closed: SessionClosed) -> None:
+        """The press's session is gone before its final: replay it, wait for the network, or
+        (not retryable, or out of attempts) end it with an error."""
         policy = closed.policy
         if press.streamer is not None:
             press.streamer.stop(0.5)
             press.streamer = None
         press.session = None
-        press.fe_sent_at = press.final_deadline = None
-        if policy.kind == "auth":
+        press.fe_sent_at = None
+        if policy.kind in ("auth", "config"):
+            # the key, or the configuration (a URL, an HTTP 400/404 at the upgrade): retrying
+            # or falling back cannot help; after a 1008 only a new press tries again
             self._auth_blocked = True
-            self._report_error(closed, None)
-            self._finish_press(press, terminate=False)
+            self._fail_press(press, closed.code, closed.describe(), bug=policy.bug)
             self._set_state(State.ERROR, policy.message)
             return
         if self._fall_back(press, closed):
@@ -478,13 +557,12 @@ class Controller:
             self._net_down = closed.reason or "cannot reach the server"
             press.late = True
         elif not policy.retry or press.attempts >= self.s.max_connect_attempts:
-            self._report_error(closed, None)
-            self._finish_press(press, terminate=False)
+            self._fail_press(press, closed.code, closed.describe(), bug=policy.bug)
             self._refresh_state()
             return
         delay = policy.delay(press.attempts - 1, self._rng)
         self._report_error(closed, delay)
-        press.retry_at = self._clock() + delay
+        press.move(PressPhase.WAITING, self._clock() + delay)
         self._refresh_state()
 
     def _fall_back(self, press: Press, closed: SessionClosed) -> bool:
@@ -496,41 +574,58 @@ class Controller:
         self._cloud_retry_at = self._clock() + self.s.fallback_retry_s
         self._emit(events.error_event(closed.code, f"{closed.describe()}; using the local engine "
                                       f"for {self.s.fallback_retry_s:g} s", 0.0))
-        press.retry_at = self._clock()
+        press.move(PressPhase.WAITING, self._clock())
         self._refresh_state()
         return True
 
     def _report_error(self, closed: SessionClosed, retry_in: float | None) -> None:
+        """An error that does not end a press (a retry follows)."""
         message = closed.describe()
         if closed.policy.bug:
             log.error("server reported a pttd bug: %s", message)
         self._emit(events.error_event(closed.code, message, retry_in))
 
-    def _finish_press(self, press: Press, *, terminate: bool) -> None:
-        if press.done:
+    def _fail_press(self, press: Press, code: int | None, message: str, *,
+                    bug: bool = False) -> None:
+        """End a press with the one error event that says why (it carries the press's id)."""
+        if press.ended:
             return
-        press.done = True
-        if press.streamer is not None:
-            press.streamer.stop(0.5)
-        session = press.session
+        if bug:
+            log.error("server reported a pttd bug: %s", message)
+        log.warning("press %d ended with an error: %s", press.press_id, message)
+        self._emit(events.error_event(code, message, None, press_id=press.press_id))
+        self._end(press, Outcome.ERROR, terminate=True)
+
+    def _end(self, press: Press, outcome: Outcome, *, terminate: bool) -> None:
+        """The one way a press ends: stop its streamer, let its session go, send the next."""
+        if press.ended:
+            return
+        streamer, session = press.streamer, press.session
+        press.end(outcome, self._clock())
+        log.debug("press %d ended: %s", press.press_id, outcome.value)
+        if streamer is not None:
+            streamer.stop(0.5)
         if session is not None:
             self._release_session(press, session, terminate)
         self._drain_queue()
 
     def _drain_queue(self) -> None:
-        """Queued presses go out one at a time, oldest first, so they are delivered in order."""
-        if self._net_down or self._stopping is not None:
+        """Queued presses go out one at a time, oldest first, so they are delivered in order.
+
+        While the network is down one press in flight probes it (backing off between tries); if
+        that press ends some other way (dropped, failed), the oldest queued one takes its place,
+        or the queue would wait for a Begin nobody asks for."""
+        if self._stopping is not None:
             return
-        live = [p for p in self._presses if not p.done]
-        if any(not p.queued and (p.session is not None or p.retry_at) for p in live):
+        live = self._live()
+        if any(not p.queued for p in live):
             return
-        nxt = next((p for p in live if p.queued and not p.cancelled), None)
-        if nxt is not None:
-            nxt.queued = False
-            self._open_session(nxt)
+        if live:
+            self._open_session(live[0])
 
     def _release_session(self, press: Press, session: Session, terminate: bool) -> None:
-        keep = (terminate and not press.cancelled and self.s.keep_warm_s > 0 and session.is_open
+        keep = (terminate and press.outcome in (Outcome.FINAL, Outcome.SILENT)
+                and self.s.keep_warm_s > 0 and session.is_open
                 and self._stopping is None and self._warm is None
                 and _lifetime_left(session) > self.s.keep_warm_s + EXPIRY_MARGIN_S)
         if keep:
@@ -562,38 +657,53 @@ class Controller:
         """
         if self._stopping is not None:
             return 0.05
-        times = [p.retry_at for p in self._presses if p.retry_at is not None and not p.done]
-        times += [p.final_deadline for p in self._presses if p.final_deadline and not p.done]
-        times += [p.ending_by for p in self._presses if p.ending_by and not p.done]
+        live = self._live()
+        times = [p.deadline for p in live if p.deadline is not None]
         if self._warm_until is not None:
             times.append(self._warm_until)
         if not times:
-            return 1.0 if any(not p.done for p in self._presses) else None
+            return 1.0 if live else None
         return max(0.0, min(min(times) - self._clock(), 1.0))
 
     def _check_deadlines(self) -> None:
         now = self._clock()
-        for press in list(self._presses):
-            if press.done:
-                continue
-            if press.ending_by is not None:
-                if now >= press.ending_by:
-                    log.debug("press %d: final not out in %g s (a slow output, e.g. typing); "
-                              "ending the press anyway", press.press_id, FINAL_OUT_WAIT_S)
-                    self._finish_press(press, terminate=True)
-            elif press.retry_at is not None and now >= press.retry_at:
-                self._retry(press)
-            elif press.final_deadline is not None and now >= press.final_deadline:
-                self._final_overdue(press)
+        for press in self._live():
+            if press.deadline is not None and now >= press.deadline and not press.ended:
+                self._overstayed(press)
         if self._warm_until is not None and now >= self._warm_until:
             warm, self._warm, self._warm_until = self._warm, None, None
             if warm is not None:
                 self._closing.add(warm)
                 warm.terminate_async()
         self._keep_waiting_audio()
-        self._recent.extend(p for p in self._presses if p.done)
-        self._presses = [p for p in self._presses if not p.done]
+        self._drain_queue()
+        self._recent.extend(p for p in self._presses if p.ended)
+        self._presses = [p for p in self._presses if not p.ended]
         self._refresh_state()
+
+    def _overstayed(self, press: Press) -> None:
+        """A press's phase deadline passed: act, so that no press outlives its bounds."""
+        phase = press.phase
+        if phase is PressPhase.WAITING:
+            self._retry(press)
+        elif phase is PressPhase.CONNECTING:
+            session, press.session = press.session, None
+            if session is not None:
+                session.close(0)
+            self._fail_press(press, None, "no session within "
+                             f"{self.s.connect_deadline_s:g} s of asking for one")
+        elif phase is PressPhase.STREAMING:
+            log.warning("press %d held for %g s: releasing it (a stuck button?)",
+                        press.press_id, self.s.max_press_s)
+            self._release(press, time.monotonic())
+        elif phase is PressPhase.FINALIZING and press.fe_sent_at is not None:
+            self._final_overdue(press)
+        elif phase is PressPhase.FINALIZING:
+            self._fail_press(press, None, "the press's audio could not be sent in time")
+        elif phase is PressPhase.DELIVERING:
+            log.debug("press %d: final not out in %g s (a slow output, e.g. typing); "
+                      "ending the press anyway", press.press_id, FINAL_OUT_WAIT_S)
+            self._end(press, Outcome.FINAL, terminate=True)
 
     def _keep_waiting_audio(self) -> None:
         """Copy the audio of released presses that wait for the network out of the ring.
@@ -602,7 +712,7 @@ class Controller:
         """
         from .ring import snapshot
 
-        waiting = [p for p in self._presses if not p.done and p.session is None
+        waiting = [p for p in self._live() if p.phase is PressPhase.WAITING
                    and p.end_pos is not None]
         for press in waiting:
             if press.audio is None and self.ring.end >= press.end_pos + self._chunk():
@@ -613,43 +723,45 @@ class Controller:
         kept = [p for p in waiting if p.audio is not None]
         while kept and sum(p.audio.samples for p in kept) > limit:
             oldest = kept.pop(0)
-            self._emit(events.error_event(None, f"press {oldest.press_id} dropped: more than "
-                                          f"{self.s.offline_queue_s:g} s of audio waiting for the network"))
-            self._finish_press(oldest, terminate=False)
+            self._fail_press(oldest, None, f"press {oldest.press_id} dropped: more than "
+                             f"{self.s.offline_queue_s:g} s of audio waiting for the network")
 
     def _chunk(self) -> int:
-        return self.s.chunk_ms * self.s.sample_rate // 1000
+        return protocol.frame_samples(self.s.chunk_ms, self.s.sample_rate)
 
     def _final_overdue(self, press: Press) -> None:
-        """No end-of-turn in time after ForceEndpoint: replay if words are at stake, else finish."""
+        """No end-of-turn in time after ForceEndpoint: replay if words are at stake, else end."""
         session = press.session
         error = session.pending_error if session is not None else None
         unfinished_words = bool(press.last_partial) and not press.overdue_replayed
         if session is None or (error is None and not unfinished_words):
+            if press.last_partial:
+                self._fail_press(press, None, "no end-of-turn after ForceEndpoint, on two "
+                                 f"sessions; the turn's words were: {press.last_partial}")
+                return
             log.info("press %d: no end-of-turn after ForceEndpoint; finishing", press.press_id)
-            self._finish_press(press, terminate=True)
+            press.waited_out = True
+            self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=True)
             return
         press.overdue_replayed = press.overdue_replayed or error is None
         code = error.code if error else None
         reason = error.message if error else "no end-of-turn after ForceEndpoint"
         log.info("press %d: %s; replaying on a new session", press.press_id, reason)
-        press.final_deadline = None
         closed = SessionClosed(code=code, reason=reason, before_begin=False,
                                policy=protocol.policy_for(code, reason))
         self._session_failed(press, closed)
         session.close(0)
 
     def _retry(self, press: Press) -> None:
+        press.deadline = None
         oldest = press.replay_pos if press.replay_pos is not None else press.start_pos
         if press.audio is not None:
             self._open_session(press)
             return
         if press.end_pos is not None and press.end_pos <= self.ring.start:
-            self._emit(events.error_event(None, f"press {press.press_id}: its audio was "
-                                          "overwritten before the server could be reached "
-                                          f"(the ring buffer holds {self.ring.capacity // self.s.sample_rate} s)"))
-            press.retry_at = None
-            self._finish_press(press, terminate=False)
+            self._fail_press(press, None, f"press {press.press_id}: its audio was "
+                             "overwritten before the server could be reached "
+                             f"(the ring buffer holds {self.ring.capacity // self.s.sample_rate} s)")
             return
         if oldest < self.ring.start:
             press.lost_samples += self.ring.start - oldest
@@ -661,7 +773,7 @@ class Controller:
     def _refresh_state(self) -> None:
         if self._stopping is not None:
             return
-        live = [p for p in self._presses if not p.done]
+        live = self._live()
         if self._mic_offline:
             self._set_state(State.OFFLINE, self._mic_offline)
         elif self._net_down:
@@ -671,12 +783,13 @@ class Controller:
                 self._set_state(State.IDLE, "")
         else:
             newest = live[-1]
-            if newest.released:
+            if newest.released or newest.phase in (PressPhase.FINALIZING, PressPhase.DELIVERING):
                 self._set_state(State.FINALIZING, "")
-            elif newest.streamer is None:
-                self._set_state(State.CONNECTING, "retrying" if newest.retry_at else "")
-            else:
+            elif newest.phase is PressPhase.STREAMING:
                 self._set_state(State.LISTENING, "")
+            else:
+                retrying = newest.phase is PressPhase.WAITING and newest.deadline is not None
+                self._set_state(State.CONNECTING, "retrying" if retrying else "")
 
     def _set_state(self, state: State, detail: str) -> None:
         if state is self.state and detail == self.state_detail:
@@ -690,27 +803,23 @@ class Controller:
 
     def _begin_stop(self, stop: _Stop) -> None:
         self._stopping = stop
-        for press in self._presses:
-            if press.done:
-                continue
-            if press.streamer is not None and press.end_pos is None:
+        for press in self._live():
+            if press.phase is PressPhase.STREAMING:
                 press.released_at = press.released_at or time.monotonic()
-                press.end_pos = self.ring.end  # skip the post-roll
-                press.streamer.finish(press.end_pos)
-            elif press.streamer is None:
-                self._finish_press(press, terminate=False)
+                press.end_pos = press.streamer.finish(self.ring.end)  # skip the post-roll
+                press.move(PressPhase.FINALIZING, self._send_deadline(press))
+            elif press.phase in (PressPhase.WAITING, PressPhase.CONNECTING):
+                self._fail_press(press, None, "pttd stopped before this press could be sent")
 
     def _stop_complete(self) -> bool:
-        pending = [p for p in self._presses if not p.done]
-        return not pending or time.monotonic() >= self._stopping.deadline - 1.0
+        return not self._live() or time.monotonic() >= self._stopping.deadline - 1.0
 
     def _shutdown_sessions(self) -> None:
-        sessions = {p.session for p in self._presses if p.session is not None} | self._closing
+        for press in self._live():
+            self._fail_press(press, None, "pttd stopped before this press's final arrived")
+        sessions = set(self._closing)
         if self._warm is not None:
             sessions.add(self._warm)
-        for press in self._presses:
-            if press.streamer is not None:
-                press.streamer.stop(0.5)
         for session in sessions:
             session.terminate_async()
         deadline = min(self._stopping.deadline, time.monotonic() + 1.0)

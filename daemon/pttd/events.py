@@ -40,9 +40,18 @@ def final_event(text: str, turn_order: int, session_id: str, press_id: int,
 
 
 def error_event(code: int | None, message: str, retry_in_s: float | None = None,
-                ts: float | None = None) -> dict:
-    return {"event": "error", "code": code, "message": message,
-            "retry_in_s": None if retry_in_s is None else float(retry_in_s), "ts": _ts(ts)}
+                ts: float | None = None, press_id: int | None = None) -> dict:
+    """An error. ``press_id`` is given when the error ends that press (it then gets no final)."""
+    event = {"event": "error", "code": code, "message": message,
+             "retry_in_s": None if retry_in_s is None else float(retry_in_s), "ts": _ts(ts)}
+    if press_id is not None:
+        event["press_id"] = press_id
+    return event
+
+
+def warning_event(code: int | None, message: str, ts: float | None = None) -> dict:
+    """A server ``Warning`` (the session goes on): shown, published and logged, never acted on."""
+    return {"event": "warning", "code": code, "message": message, "ts": _ts(ts)}
 
 
 def _ts(ts: float | None) -> float:

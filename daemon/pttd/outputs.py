@@ -112,10 +112,11 @@ def text_line(event: dict) -> str | None:
         return f"state: {event.get('state')}"
     if kind in ("partial", "final"):
         return f"{kind}: {_flat(event.get('text', ''))}"
-    if kind == "error":
+    if kind in ("error", "warning"):
         code = event.get("code")
         retry = event.get("retry_in_s")
-        return ("error: " + (f"[{code}] " if code is not None else "") + _flat(event.get("message", ""))
+        return (f"{kind}: " + (f"[{code}] " if code is not None else "")
+                + _flat(event.get("message", ""))
                 + (f" (retry in {retry:g}s)" if retry is not None else ""))
     rest = {k: v for k, v in event.items() if k not in ("event", "ts")}
     return f"{kind}: {json_line(rest)}"
@@ -131,9 +132,9 @@ def _flat(text: object) -> str:
 # Contract keys with a fixed journal field name; every other key becomes PTTD_<KEY>.
 _FIELD_NAMES = {"turn_order": "TURN_ORDER", "session_id": "SESSION_ID", "press_id": "PRESS_ID",
                 "audio_ms": "AUDIO_MS", "latency_ms": "LATENCY_MS", "code": "ERROR_CODE",
-                "state": "PTTD_STATE"}
-_MESSAGE_KEY = {"final": "text", "partial": "text", "error": "message"}
-_PRIORITY = {"final": 6, "error": 3, "state": 7}   # info, err, debug
+                "state": "PTTD_STATE", "language_code": "LANGUAGE_CODE"}
+_MESSAGE_KEY = {"final": "text", "partial": "text", "error": "message", "warning": "message"}
+_PRIORITY = {"final": 6, "error": 3, "warning": 4, "state": 7}   # info, err, warning, debug
 _SKIPPED_KEYS = {"event", "ts"}                     # journald stamps its own time
 
 
@@ -196,7 +197,8 @@ def journal_fields(event: dict, speech_model: str) -> dict | None:
     for key, value in event.items():
         if key in _SKIPPED_KEYS or key == _MESSAGE_KEY.get(kind) or value is None:
             continue
-        fields[_FIELD_NAMES.get(key) or _field_name(key)] = _field_value(value)
+        name = "WARNING_CODE" if (kind, key) == ("warning", "code") else _FIELD_NAMES.get(key)
+        fields[name or _field_name(key)] = _field_value(value)
     return fields
 
 
@@ -292,6 +294,13 @@ class Outputs:
         self._workers = [_SinkWorker(s, queue_size) for s in self.sinks
                          if threaded and not is_inline(s)]
         self._inline_failed: set[int] = set()
+        self._inline_failures = 0
+
+    @property
+    def failures(self) -> int:
+        """How many deliveries raised, over every sink (each is logged; the others still get
+        the event)."""
+        return self._inline_failures + sum(w.failures for w in self._workers)
 
     def emit(self, event: dict, on_delivered: Callable[[], None] | None = None) -> None:
         """Hand ``event`` to every sink. ``on_delivered`` (optional) is called once, on whichever
@@ -308,6 +317,7 @@ class Outputs:
             if _deliver(sink, event, first_failure=id(sink) not in self._inline_failed):
                 continue
             self._inline_failed.add(id(sink))
+            self._inline_failures += 1
         if receipt is not None:
             receipt.done()  # the emitter's own count: the callback never runs before this point
 
@@ -358,6 +368,7 @@ class _SinkWorker:
         self._queue = Mailbox(queue_size)
         self._dropped = 0
         self._failed = False
+        self.failures = 0
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"pttd-out-{type(sink).__name__}")
         self._thread.start()
@@ -398,6 +409,7 @@ class _SinkWorker:
                 event = receipt.event
             if not _deliver(self.sink, event, first_failure=not self._failed):
                 self._failed = True
+                self.failures += 1
             if receipt is not None:
                 receipt.done()
 

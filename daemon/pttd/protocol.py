@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import urllib.parse
 from dataclasses import dataclass, field
@@ -131,26 +132,57 @@ ServerMessage = Union[Begin, Turn, SpeechStarted, Termination, ErrorMessage, War
 
 
 def parse_message(text: str | bytes) -> ServerMessage:
-    """Parse one server text frame. Raises :class:`ProtocolError` only for non-JSON/non-objects."""
+    """Parse one server text frame. Total: anything it cannot make sense of (not JSON, nested
+    past the parser's depth, not an object, a field of the wrong type or an absurd number such
+    as ``1e400`` for a count) raises :class:`ProtocolError` and nothing else."""
     try:
         # strict UTF-8 (json.loads would guess UTF-16/32 from bytes); the frame is not checked
         # before this (session.py skips websocket-client's slow pure-Python check)
         obj = json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise ProtocolError("server sent JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
         raise ProtocolError(f"server sent invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"server sent a non-object: {type(obj).__name__}")
     kind = obj.get("type")
     if kind is None and "error" in obj:  # the legacy untyped error shape
-        return ErrorMessage(code=_int_or_none(obj.get("error_code")), message=str(obj["error"]))
-    parser = _PARSERS.get(kind)
+        return ErrorMessage(code=_int_or_none(obj.get("error_code")), message=_text(obj["error"]))
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
         log.debug("ignoring unknown server message type %r", kind)
         return UnknownMessage(type=kind if isinstance(kind, str) else None, raw=obj)
     try:
         return parser(obj)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"malformed {kind} message: {exc!r}") from None
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile field does, it is one bad message
+        raise ProtocolError(f"malformed {kind} message: {type(exc).__name__}") from None
+
+
+# Bounds for numbers read from the server: a count or a time in ms beyond these is nonsense.
+_MAX_COUNT = 2 ** 53
+_MAX_MS = 2 ** 40
+
+
+def _count(v: Any, name: str) -> int:
+    """A required non-negative integer (``turn_order``): anything else rejects the message."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProtocolError(f"{name} is not a number: {v!r:.40}")
+    if not (0 <= v < _MAX_COUNT) or v != int(v):  # nan, inf and negatives fail here
+        raise ProtocolError(f"{name} out of range: {v!r:.40}")
+    return int(v)
+
+
+def _ms(v: Any) -> int:
+    """A time in ms (word start/end, SpeechStarted): clamped into [0, _MAX_MS]; junk is 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        return 0
+    return int(min(max(v, 0), _MAX_MS))
+
+
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else ("" if v is None else str(v))
 
 
 def _parse_begin(o: dict) -> Begin:
@@ -161,26 +193,35 @@ def _parse_begin(o: dict) -> Begin:
         configuration = SessionConfiguration(
             model=conf.get("model"), mode=conf.get("mode"), api_version=conf.get("api_version"),
             extra={k: v for k, v in conf.items() if k not in known})
-    expires = o.get("expires_at")
-    return Begin(id=str(o["id"]), expires_at=float(expires) if expires is not None else None,
-                 configuration=configuration)
+    if "id" not in o:
+        raise ProtocolError("Begin without an id")
+    expires = _num_or_none(o.get("expires_at"))
+    return Begin(id=_text(o["id"]), expires_at=expires if expires is None or
+                 math.isfinite(expires) else None, configuration=configuration)
 
 
 def _parse_word(w: dict) -> Word:
-    return Word(text=str(w.get("text", "")), start=int(w.get("start", 0)), end=int(w.get("end", 0)),
-                confidence=float(w.get("confidence", 0.0) or 0.0),
+    return Word(text=_text(w.get("text", "")), start=_ms(w.get("start", 0)), end=_ms(w.get("end", 0)),
+                confidence=_num_or_none(w.get("confidence")) or 0.0,
                 word_is_final=bool(w.get("word_is_final", True)), speaker=w.get("speaker"))
 
 
 def _parse_turn(o: dict) -> Turn:
+    if "turn_order" not in o:
+        raise ProtocolError("Turn without a turn_order")
     return Turn(
-        turn_order=int(o["turn_order"]), end_of_turn=bool(o.get("end_of_turn", False)),
-        transcript=str(o.get("transcript") or ""),
+        turn_order=_count(o["turn_order"], "turn_order"),
+        end_of_turn=bool(o.get("end_of_turn", False)),
+        transcript=_text(o.get("transcript") or ""),
         turn_is_formatted=bool(o.get("turn_is_formatted", False)),
-        end_of_turn_confidence=float(o.get("end_of_turn_confidence") or 0.0),
-        words=tuple(_parse_word(w) for w in o.get("words") or () if isinstance(w, dict)),
-        utterance=str(o.get("utterance") or ""), language_code=o.get("language_code"),
+        end_of_turn_confidence=_num_or_none(o.get("end_of_turn_confidence")) or 0.0,
+        words=tuple(_parse_word(w) for w in _list(o.get("words")) if isinstance(w, dict)),
+        utterance=_text(o.get("utterance") or ""), language_code=o.get("language_code"),
         language_confidence=o.get("language_confidence"), speaker_label=o.get("speaker_label"))
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
 
 
 def _parse_termination(o: dict) -> Termination:
@@ -189,35 +230,43 @@ def _parse_termination(o: dict) -> Termination:
 
 
 def _num_or_none(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        f = float(v) if not isinstance(v, int) or abs(v) < _MAX_COUNT else None
+        return f if f is not None and math.isfinite(f) else None
+    return None
 
 
 def _int_or_none(v: Any) -> int | None:
-    try:
-        return int(v) if v is not None and not isinstance(v, bool) else None
-    except (TypeError, ValueError):
+    """An integer code: ints and integral finite floats; anything else (``1e400``) is None."""
+    if isinstance(v, bool) or v is None:
         return None
+    if isinstance(v, str):
+        v = v.strip()
+        return int(v) if v.isdigit() and len(v) < 10 else None
+    if isinstance(v, (int, float)) and math.isfinite(v) and v == int(v) and abs(v) < _MAX_COUNT:
+        return int(v)
+    return None
 
 
 _PARSERS = {
     "Begin": _parse_begin,
     "Turn": _parse_turn,
-    "SpeechStarted": lambda o: SpeechStarted(timestamp=int(o.get("timestamp", 0)),
+    "SpeechStarted": lambda o: SpeechStarted(timestamp=_ms(o.get("timestamp", 0)),
                                              confidence=_num_or_none(o.get("confidence"))),
     "Termination": _parse_termination,
     "Error": lambda o: ErrorMessage(code=_int_or_none(o.get("error_code")),
-                                    message=str(o.get("error", ""))),
+                                    message=_text(o.get("error", ""))),
     "Warning": lambda o: WarningMessage(code=_int_or_none(o.get("warning_code")),
-                                        message=str(o.get("warning", ""))),
+                                        message=_text(o.get("warning", ""))),
     "Heartbeat": lambda o: Heartbeat(
         total_audio_received_ms=_int_or_none(o.get("total_audio_received_ms")),
         total_duration_ms=_int_or_none(o.get("total_duration_ms")),
         realtime_factor=_num_or_none(o.get("realtime_factor")),
         max_speech_probability=_num_or_none(o.get("max_speech_probability"))),
     "SpeakerRevision": lambda o: SpeakerRevision(
-        revisions=tuple(r for r in o.get("revisions") or () if isinstance(r, dict))),
+        revisions=tuple(r for r in _list(o.get("revisions")) if isinstance(r, dict))),
     "LLMGatewayResponse": lambda o: LLMGatewayResponse(
-        turn_order=_int_or_none(o.get("turn_order")), transcript=str(o.get("transcript", "")),
+        turn_order=_int_or_none(o.get("turn_order")), transcript=_text(o.get("transcript", "")),
         data=o.get("data")),
 }
 
@@ -264,6 +313,12 @@ def _query_value(v: Any) -> str:
     return str(v)
 
 
+def frame_samples(ms: int, sample_rate: int) -> int:
+    """Samples in a frame of at least ``ms``: rounded up, so a rate like 22050 Hz, where 50 ms is
+    1102.5 samples, never gives a frame the server rejects as too short."""
+    return -(-ms * sample_rate // 1000)
+
+
 def frame_ms(nbytes: int, sample_rate: int) -> float:
     """Duration of a pcm_s16le mono frame."""
     return nbytes * 1000.0 / (2 * sample_rate)
@@ -279,7 +334,7 @@ def is_u3(speech_model: str) -> bool:
 class ClosePolicy:
     """What a session end means for the daemon: retry or not, how long to wait, what to say."""
 
-    kind: str               # normal | auth | rate_limited | expired | client_bug | server | transport
+    kind: str               # normal | auth | rate_limited | expired | client_bug | server | transport | idle | config
     retry: bool
     backoff_s: float        # first delay before a new session
     max_backoff_s: float
@@ -313,6 +368,10 @@ _SERVER = ClosePolicy("server", True, 1.0, 30.0, "the server cancelled the sessi
 _TRANSPORT = ClosePolicy("transport", True, 0.5, 5.0,
                          "connection to the server lost; reconnecting")
 _IDLE = ClosePolicy("idle", True, 0.0, 0.0, "session closed for inactivity")
+# not a close code: pttd could not even try (a URL websocket-client refuses, say); retrying
+# the same thing cannot help, and it is not the network being down
+CANNOT_OPEN = ClosePolicy("config", False, 0.0, 0.0,
+                          "pttd cannot open a session with this configuration (check stt.url)")
 
 # code -> policy; reason texts refine 3005 and 1008 (their meaning moved on 2026-02-25).
 CLOSE_POLICIES: dict[int | None, ClosePolicy] = {

@@ -265,7 +265,7 @@ class Session:
                     self._out.clear()
                 for text in batch:
                     self._transmit(_OP_TEXT, text)
-        except (OSError, websocket.WebSocketException) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the receiver reports the close
             self._send_failed(exc)
 
     # --- receiving ------------------------------------------------------------------------------
@@ -275,20 +275,30 @@ class Session:
     _terminate_deadline: float | None = None
 
     def _receive_main(self) -> None:
+        """Connect, read until the end, report it: every way out of here reports the close once
+        (any exception included: a dead receiver that said nothing would wedge its press)."""
         try:
             self._ws = self._open()
         except _Refused as refused:
-            self._report_closed(refused.code, refused.reason, before_begin=True)
+            self._report_closed(refused.code, refused.reason, before_begin=True,
+                                policy=refused.policy)
             return
         try:
             self._read_loop()
-        except (OSError, websocket.WebSocketException) as exc:
+        except Exception as exc:  # noqa: BLE001 - the link's errors and pttd's own alike
             if self._local_close:
                 self._report_closed(None, "closed by pttd", local=True)
                 return
-            log.info("%s: connection lost: %s", self.name, self._scrub(str(exc)))
+            link = isinstance(exc, (OSError, websocket.WebSocketException))
+            if link:
+                log.info("%s: connection lost: %s", self.name, self._scrub(str(exc)))
+            else:
+                log.error("%s: receiver failed: %s", self.name, self._scrub(repr(exc)),
+                          exc_info=True)
             err = self._error
-            self._report_closed(err.code if err else None, err.message if err else "connection lost",
+            reason = ("connection lost" if link
+                      else self._scrub(f"receive failed: {type(exc).__name__}: {exc}"))
+            self._report_closed(err.code if err else None, err.message if err else reason,
                                 before_begin=not self._begun.is_set())
         finally:
             self._stopping.set()
@@ -309,8 +319,11 @@ class Session:
                 skip_utf8_validation=True)
         except websocket.WebSocketBadStatusException as exc:
             raise _Refused(_http_code(exc.status_code), f"HTTP {exc.status_code} at upgrade") from None
-        except (OSError, websocket.WebSocketException) as exc:
+        except (OSError, websocket.WebSocketException) as exc:  # refused, unreachable, TLS
             raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}")) from None
+        except Exception as exc:  # noqa: BLE001 - a URL or option websocket-client cannot use
+            raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}"),
+                           policy=protocol.CANNOT_OPEN) from None
         ws.settimeout(self._send_timeout)
         return ws
 
@@ -373,6 +386,7 @@ class Session:
         elif isinstance(msg, Turn):
             self._on_turn(msg)
         elif isinstance(msg, protocol.ErrorMessage):
+            msg = protocol.ErrorMessage(msg.code, self._scrub(msg.message))  # it may echo the key
             log.info("%s: server error %s: %s", self.name, msg.code, msg.message)
             if self._error is None:
                 self._error = msg
@@ -412,13 +426,15 @@ class Session:
             self._emit(final)
 
     def _report_closed(self, code: int | None, reason: str, *, before_begin: bool = False,
-                       local: bool = False) -> None:
+                       local: bool = False, policy: ClosePolicy | None = None) -> None:
         with self._report_lock:
             if self._closed is not None:
                 return
             if not local:
                 self._emit_finals(self._assembler.flush())
-            if local:
+            if policy is not None:
+                pass  # the caller knows better than the code (there is none)
+            elif local:
                 policy = protocol.policy_for(1000)
             elif code == 1000 or (code is None and self._last_termination is not None):
                 policy = protocol.policy_for(1000)
@@ -458,10 +474,11 @@ class Session:
 
 
 class _Refused(Exception):
-    def __init__(self, code: int | None, reason: str):
+    def __init__(self, code: int | None, reason: str, policy: ClosePolicy | None = None):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.policy = policy
 
 
 def _http_code(status: int) -> int | None:

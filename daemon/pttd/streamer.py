@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .protocol import MAX_FRAME_MS, MIN_FRAME_MS
+from .protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_samples
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Streamer:
         self.chunk = chunk_samples
         self.sample_rate = sample_rate
         self.max_lead_s = max_lead_s
-        self._min_frame = MIN_FRAME_MS * sample_rate // 1000
+        self._min_frame = frame_samples(MIN_FRAME_MS, sample_rate)
         self._max_frame = MAX_FRAME_MS * sample_rate // 1000
         self._post = post
         self._end: int | None = None

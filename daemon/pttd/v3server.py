@@ -155,6 +155,12 @@ class Faults:
     #: ForceEndpoint with no speech pending: "none" = send nothing, "empty_turn" = send an
     #: end_of_turn Turn with an empty transcript (real behaviour unverified, §4.5).
     empty_force_endpoint: str = "none"
+    #: (after_frames, texts): send these text frames exactly as given (hostile or malformed
+    #: messages: a real server's bug or a man in the middle) after that many audio frames.
+    raw_after_frames: tuple[int, tuple[str, ...]] | None = None
+    #: (seconds, texts): the same, that long after Begin, whatever the client is doing (a Turn
+    #: that arrives while a kept-warm session is idle, say).
+    raw_after_s: tuple[float, tuple[str, ...]] | None = None
     #: Send ``Warning{warning_code, warning}`` after this many audio frames.
     warning_after_frames: int | None = None
     warning_code: int = 1234
@@ -739,6 +745,7 @@ class ConnectionRecord:
         self._received: list[Received] = []
         self._sent: list[Sent] = []
         self._audio_ms = 0.0
+        self.raw_sent: list[str] = []   # Faults.raw_*: the texts sent as given, in order
 
     # --- writers (server side) ----------------------------------------------------------------
 
@@ -809,6 +816,13 @@ class ConnectionRecord:
 class _CloseRequest:
     code: int
     reason: str
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A text frame sent as it is (Faults.raw_after_frames)."""
+
+    text: str
 
 
 class _Session:
@@ -894,6 +908,13 @@ class _Session:
                 float(self.record.query["inactivity_timeout"]))))
         if self.record.query.get("session_heartbeat") or self.faults.heartbeat:
             self._tasks.append(asyncio.create_task(self._heartbeat()))
+        if self.faults.raw_after_s:
+            self._tasks.append(asyncio.create_task(self._raw_later(*self.faults.raw_after_s)))
+
+    async def _raw_later(self, delay_s: float, texts: tuple[str, ...]) -> None:
+        await asyncio.sleep(delay_s)
+        for text in texts:
+            self._enqueue(_Raw(text))
 
     async def _finish(self) -> None:
         for task in self._tasks:
@@ -995,6 +1016,9 @@ class _Session:
         if faults.warning_after_frames == self.frames:
             self._enqueue({"type": "Warning", "warning_code": faults.warning_code,
                            "warning": faults.warning_text})
+        if faults.raw_after_frames and faults.raw_after_frames[0] == self.frames:
+            for text in faults.raw_after_frames[1]:
+                self._enqueue(_Raw(text))
         if faults.error_mid_turn and faults.error_mid_turn[1] == self.frames:
             await self._fail(faults.error_mid_turn[0], GENERIC_ERROR)
         elif faults.error_without_close == self.frames:
@@ -1093,7 +1117,7 @@ class _Session:
                 ended = ended or is_final
         return ended
 
-    def _enqueue(self, message: dict, delay_s: float = 0.0) -> None:
+    def _enqueue(self, message: dict | _Raw, delay_s: float = 0.0) -> None:
         self._outq.put_nowait((time.monotonic() + delay_s, message))
 
     async def _sender(self) -> None:
@@ -1112,8 +1136,12 @@ class _Session:
             except ConnectionClosed:
                 return
 
-    async def _send_now(self, message: dict) -> None:
+    async def _send_now(self, message: dict | _Raw) -> None:
         if self.state == "silent":
+            return
+        if isinstance(message, _Raw):
+            await self.ws.send(message.text)
+            self.record.raw_sent.append(message.text)
             return
         if self.faults.unknown_messages:
             message = dict(message, x_unrecognized_field={"injected": True})

@@ -1,0 +1,118 @@
+"""One press's lifecycle: its phase, stored and changed only through legal moves, with a deadline.
+
+The controller (the one thread that owns state) reads the phase instead of inferring it from
+which fields happen to be set, and every phase but a queued wait has a deadline by which the
+controller acts (retry, release, replay, or end the press with an error), so no fault a test
+did not think of can leave a press, its LED or its billed session hanging.
+
+    WAITING ──► CONNECTING ──► STREAMING ──► FINALIZING ──► DELIVERING ──► ENDED
+       ▲  │           │             │             │              (any phase ──► ENDED)
+       │  └───────────┴─► STREAMING/FINALIZING (warm session, or released before Begin)
+       └──────────────┴─────────────┴─────────────┘  (a failed session: replay from the ring)
+
+A press ends exactly once, with one outcome: its last final went out (``final``), an ``error``
+event carrying its ``press_id`` said why not, nothing was said (``silent``), or the user
+cancelled it (``cancelled``).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class PressPhase(str, enum.Enum):
+    WAITING = "waiting"          # no session: queued behind the network / an earlier press, or backing off
+    CONNECTING = "connecting"    # a session is opening (no audio sent yet)
+    STREAMING = "streaming"      # held: audio flows
+    FINALIZING = "finalizing"    # released: the rest of the audio, ForceEndpoint, then the final
+    DELIVERING = "delivering"    # the last final is with the outputs; ends once they have it
+    ENDED = "ended"
+
+
+class Outcome(str, enum.Enum):
+    FINAL = "final"
+    ERROR = "error"
+    SILENT = "silent"            # no words: the server's answer was empty, or none came
+    CANCELLED = "cancelled"
+
+
+_P = PressPhase
+LEGAL_MOVES: dict[PressPhase, frozenset[PressPhase]] = {
+    _P.WAITING: frozenset({_P.CONNECTING, _P.STREAMING, _P.FINALIZING, _P.ENDED}),
+    _P.CONNECTING: frozenset({_P.STREAMING, _P.FINALIZING, _P.WAITING, _P.ENDED}),
+    _P.STREAMING: frozenset({_P.FINALIZING, _P.WAITING, _P.ENDED}),
+    _P.FINALIZING: frozenset({_P.DELIVERING, _P.WAITING, _P.ENDED}),
+    _P.DELIVERING: frozenset({_P.ENDED}),
+    _P.ENDED: frozenset(),
+}
+
+
+class IllegalMove(RuntimeError):
+    """A controller bug: a press was asked to move where its lifecycle does not go."""
+
+
+@dataclass
+class Press:
+    """What the controller knows of one press. ``phase`` and ``deadline`` change together."""
+
+    press_id: int
+    start_pos: int                       # ring position of the first sample (pre-roll included)
+    pressed_at: float
+    phase: PressPhase = PressPhase.WAITING
+    deadline: float | None = None        # controller clock; None only for a queued wait
+    outcome: Outcome | None = None       # set once, on the move to ENDED (see late_final)
+    ended_at: float | None = None
+    released_at: float | None = None
+    end_pos: int | None = None           # requested end (release + post-roll)
+    session: object = None               # the Session (or the local engine's) while one is open
+    streamer: object = None
+    stream_base_ms: float = 0.0          # session stream time at this press's first sample
+    replay_pos: int | None = None        # ring position to resume from after a failure
+    attempts: int = 0                    # sessions opened for it
+    stream_failures: int = 0
+    fe_sent_at: float | None = None      # ForceEndpoint is on the wire: the next final is the last
+    heard_speech: bool = False
+    last_partial: str = ""               # text of the turn in progress ("" once finalized)
+    overdue_replayed: bool = False
+    waited_out: bool = False             # ended when no final came in its wait: a late one is taken
+    audio: object = None                 # a ring.Snapshot once the press waits offline
+    finals: int = 0
+    engine: str = "cloud"                # "cloud" or "local" (the offline engine)
+    late: bool = False                   # delivered after the network came back
+    lost_samples: int = 0
+    audio_ms: float = 0.0
+
+    @property
+    def released(self) -> bool:
+        return self.released_at is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.phase is PressPhase.ENDED
+
+    @property
+    def held(self) -> bool:
+        """Not yet released, not ended: the press a release or toggle applies to."""
+        return self.released_at is None and self.phase is not PressPhase.ENDED
+
+    @property
+    def queued(self) -> bool:
+        """Waiting its turn (network down, or an earlier press first), not backing off."""
+        return self.phase is PressPhase.WAITING and self.deadline is None
+
+    def move(self, phase: PressPhase, deadline: float | None = None) -> None:
+        """Change phase (a legal move only) and set the new phase's deadline."""
+        if phase not in LEGAL_MOVES[self.phase]:
+            raise IllegalMove(f"press {self.press_id}: {self.phase.value} -> {phase.value}")
+        self.phase, self.deadline = phase, deadline
+
+    def end(self, outcome: Outcome, at: float) -> None:
+        self.move(PressPhase.ENDED)
+        self.outcome, self.ended_at = outcome, at
+
+    def late_final(self) -> None:
+        """A press whose wait for its final ran out got it after all (a slow server): the only
+        change of outcome there is."""
+        if not self.waited_out or self.outcome not in (Outcome.SILENT, Outcome.FINAL):
+            raise IllegalMove(f"press {self.press_id}: a late final after {self.outcome}")
+        self.outcome = Outcome.FINAL
