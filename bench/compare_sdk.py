@@ -120,7 +120,7 @@ class Server:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, KEY], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                                     env=child_env())  # the same pttd code as the contenders
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("ws://"):
             raise SystemExit("fake server did not start")
