@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up pttd on a fresh Debian 12 / Raspberry Pi OS Bookworm machine, then run something.
+# Set up pttd on a fresh Debian 12/13 or Raspberry Pi OS Bookworm/Trixie machine, then run something.
 #   ./bootstrap.sh demo   apt packages + a venv in .venv, then `pttd demo` (offline, no hardware)
 #   ./bootstrap.sh test   the same plus test tools, then the whole test suite
 # Idempotent: re-running only installs what is missing.
@@ -7,9 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-demo}
 shift || true
+case "$what" in
+  demo|test) ;;
+  *) echo "usage: $0 demo|test [args]" >&2; exit 2 ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+step() { printf 'bootstrap.sh: %s\n' "$*"; }
+fail() { printf 'bootstrap.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # Build deps for pyalsaaudio and systemd-python; espeak-ng/sox make the demo's speech fixtures.
 APT_RUNTIME="python3 python3-venv python3-dev gcc pkg-config libasound2-dev libsystemd-dev"
@@ -28,30 +34,48 @@ for pkg in $APT_RUNTIME $([ "$what" = test ] && echo "$APT_TEST"); do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+  step "installing ${#need[@]} apt packages (${need[*]}): a minute or more, longer on a Pi"
+  $SUDO apt-get update -qq || fail "apt-get update failed (see above): check the network and /etc/apt/sources.list*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" ||
+    fail "apt-get install failed (see above) for: ${need[*]}"
 fi
 
+# pip's own error is printed as it happens (-q keeps errors); this adds which step failed.
+pip_install() {
+  local why=$1; shift
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" ||
+    fail "pip could not install $why (its error is above). A compile error names the missing \
+build package (apt); a network error, the package index in pip's configuration (pip config list)."
+}
+
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+if [ ! -x .venv/bin/python ]; then
+  step "creating the virtual environment .venv ($("$PY" -V 2>&1))"
+  "$PY" -m venv .venv || fail "$PY -m venv .venv failed (see above): is python3-venv installed?"
+fi
 case "$what" in
   demo)
-    .venv/bin/python -m pip install -q -e '.[local]'
-    exec .venv/bin/pttd demo "$@"
+    step "installing Python packages into .venv: under a minute on a PC, a few minutes on a Pi Zero (pyalsaaudio and systemd-python compile there)"
+    pip_install "pip itself" --upgrade pip
+    pip_install "pttd with the offline engine ([local]: pocketsphinx)" -e '.[local]'
+    step "running pttd demo: offline, about 40 s (no Pi, mic, key or internet needed)"
+    code=0
+    .venv/bin/pttd demo "$@" || code=$?
+    [ "$code" -eq 0 ] || fail "pttd demo exited $code (see above)"
     ;;
   test)
-    .venv/bin/python -m pip install -q -e '.[test,local,mqtt,type]'
+    step "installing Python packages (pttd and the test tools) into .venv: a minute on a PC, more on a Pi"
+    pip_install "pip itself" --upgrade pip
+    pip_install "pttd with its test, local, mqtt and type extras" -e '.[test,local,mqtt,type]'
     # playwright-core for the kiosk browser test (it downloads no browser); installed only when
     # the lock file changed since the last install, so re-runs stay quick and offline
     if [ ! -f tests/browser/node_modules/.package-lock.json ] ||
        [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
-      npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+      step "installing playwright-core from npm for the kiosk browser test"
+      npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error ||
+        fail "npm ci in tests/browser failed (see above)"
     fi
+    step "running the test suite: about 10 minutes on a 2-core PC"
     exec .venv/bin/python -m pytest "$@"
-    ;;
-  *)
-    echo "usage: $0 demo|test [args]" >&2
-    exit 2
     ;;
 esac

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install pttd as a systemd service on a Raspberry Pi (Raspberry Pi OS Bookworm / Debian 12+):
+# Install pttd as a systemd service on a Raspberry Pi (Raspberry Pi OS Bookworm or Trixie,
+# Debian 12 or 13):
 #
 #   sudo ./install.sh                 # cloud engine (AssemblyAI)
 #   sudo ./install.sh --with-local    # plus the offline engine (pocketsphinx)
@@ -21,7 +22,7 @@ usage: sudo ./$prog [options]
   --no-apt          do not install apt packages (they must be present already)
   --no-systemctl    do not run systemctl at all (no daemon-reload, enable or start)
   --python PATH     interpreter for the venv (default /usr/bin/python3, or \$PYTHON); it must be
-                    the system Python so that --system-site-packages finds python3-numpy/-lgpio
+                    the system Python so that --system-site-packages finds the apt python3-*
   -h, --help        this text
 
 Steps: apt packages; user pttd (systemd-sysusers); /etc/pttd and an empty api-key
@@ -81,37 +82,70 @@ LINK=/usr/local/bin/pttd
 R=$ROOT
 
 # --- 1. apt packages -------------------------------------------------------------------------
-# Build deps for pyalsaaudio and systemd-python (compiled on the Pi), python3-numpy so the venv
-# uses the system numpy (no numpy build/download on a Pi Zero), alsa-utils for arecord/amixer.
-APT_PKGS="python3 python3-venv python3-dev gcc pkg-config libasound2-dev libsystemd-dev python3-numpy alsa-utils"
+# Always: python3-numpy so the venv uses the system numpy (no numpy build/download on a Pi Zero),
+# alsa-utils for arecord/amixer, systemd for systemd-sysusers/-tmpfiles (always there on a Pi;
+# not in a minimal image or chroot).
+APT_PKGS="python3 python3-venv python3-numpy alsa-utils systemd"
+# pttd's Python dependencies, from apt wherever the archive's version meets setup.cfg's minimum
+# (the venv sees them: --system-site-packages): nothing to compile or download on the Pi, and
+# the OS's security updates. Checked against the Debian 12 and 13 package lists:
+#   python3-systemd    235 on both                        >= 234: used
+#   python3-alsaaudio  0.10.0 on 13, 0.8.4 on 12          >= 0.10: used on 13; pip builds it on 12
+#   python3-websocket  1.8.0 on 13, 1.2.3 on 12           >= 1.6
+#   python3-websockets 15.0.1 on 13, 10.4 on 12           >= 12
+#   python3-gpiozero   1.6.2 on Debian, 2.x on Raspberry Pi OS   >= 2.0: used on Pi OS
+#   python3-lgpio      Raspberry Pi OS only (gpiozero's pin factory there); not in Debian
+APT_PY="python3-systemd:234 python3-alsaaudio:0.10 python3-websocket:1.6 python3-websockets:12 python3-gpiozero:2.0 python3-lgpio:0"
+# What pip needs to build the two compiled ones when apt's are too old (or absent)
+BUILD_alsaaudio="gcc python3-dev libasound2-dev"
+BUILD_systemd="gcc python3-dev pkg-config libsystemd-dev"
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
-available() {   # the apt archive has a candidate version for it
-  local candidate
-  candidate=$(apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p')
-  [ -n "$candidate" ] && [ "$candidate" != "(none)" ]
+candidate() {   # the version apt would install, or nothing
+  apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -vx '(none)' || true
 }
+at_least() { [ -n "$1" ] && dpkg --compare-versions "$1" ge "$2"; }
 
 if [ "$APT" = 1 ]; then
   { command -v apt-get && command -v dpkg-query; } >/dev/null ||
     die "apt-get not found: install the equivalents of '$APT_PKGS' yourself, then re-run with --no-apt"
-  need=()
-  for p in $APT_PKGS; do installed "$p" || need+=("$p"); done
   updated=0
-  if [ ${#need[@]} -gt 0 ]; then
+  apt_update() {
+    [ "$updated" = 1 ] && return 0
     say "apt-get update"
     apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list*"
     updated=1
-  fi
-  # python3-lgpio: gpiozero's pin factory on Bookworm (Raspberry Pi OS archive); absent elsewhere.
-  if ! installed python3-lgpio; then
-    if available python3-lgpio; then
-      need+=(python3-lgpio)
-    else
-      say "python3-lgpio is not in the apt archive here: skipped (gpiozero will use another pin factory)"
+  }
+  need=()
+  for p in $APT_PKGS; do installed "$p" || need+=("$p"); done
+  [ ${#need[@]} -eq 0 ] || apt_update
+  build=()
+  for spec in $APT_PY; do
+    p=${spec%%:*} min=${spec#*:}
+    if installed "$p" && at_least "$(dpkg-query -W -f='${Version}' "$p")" "$min"; then
+      continue
     fi
-  fi
+    v=$(candidate "$p")
+    if ! at_least "$v" "$min" && [ "$updated" = 0 ]; then apt_update; v=$(candidate "$p"); fi
+    if at_least "$v" "$min"; then
+      need+=("$p")
+      continue
+    fi
+    case $p in
+      python3-lgpio)
+        say "python3-lgpio is not in the apt archive here: skipped (gpiozero will use another pin factory)" ;;
+      python3-alsaaudio|python3-systemd)
+        say "$p ${v:-absent} is older than $min here: pip builds it (installing the build packages)"
+        # shellcheck disable=SC2206
+        [ "$p" = python3-alsaaudio ] && build+=($BUILD_alsaaudio) || build+=($BUILD_systemd) ;;
+      *)
+        say "$p ${v:-absent} is older than $min here: pip installs it into the venv" ;;
+    esac
+  done
+  for p in "${build[@]}"; do
+    installed "$p" || [[ " ${need[*]} " == *" $p "* ]] || need+=("$p")
+  done
   if [ ${#need[@]} -gt 0 ]; then
-    [ "$updated" = 1 ] || { say "apt-get update"; apt-get update -qq || die "apt-get update failed"; }
+    apt_update
     say "apt-get install ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" ||
       die "apt-get install failed for: ${need[*]} (see above); fix apt, or install them and use --no-apt"
@@ -188,7 +222,7 @@ tar -C "$SRC" -c --exclude=.git --exclude=.venv --exclude=venv --exclude=build -
     --exclude=test-artifacts . | tar -C "$work" -x
 spec="$work" extra=""
 if [ "$WITH_LOCAL" = 1 ]; then spec="${work}[local]" extra="[local]"; fi
-say "pip install pttd$extra into $VENV (a Pi Zero compiles pyalsaaudio and systemd-python: minutes)"
+say "pip install pttd$extra into $VENV (what apt had too old: a compiled one takes minutes on a Pi Zero)"
 "$R$VENV/bin/python" -m pip install --disable-pip-version-check --no-warn-script-location "$spec" ||
   die "pip install failed (see above): check the network (PyPI/piwheels) and the build packages (re-run without --no-apt)"
 "$R$VENV/bin/pttd" --version >/dev/null || die "$VENV/bin/pttd does not run after installing"

@@ -2,7 +2,8 @@
 # Remove what install.sh installed:  sudo ./uninstall.sh [--purge]
 #
 # Stops and disables pttd, removes the unit, the venv (/opt/pttd), the /usr/local/bin/pttd link
-# and the sysusers/tmpfiles snippets. Keeps /etc/pttd (config and API key) unless --purge.
+# and the sysusers/tmpfiles snippets. Keeps /etc/pttd (config and API key) and /var/lib/pttd (the
+# spool: presses waiting for the network, the user's speech) unless --purge.
 # Keeps the pttd user and groups (systemd-sysusers users are never deleted automatically: files
 # may still belong to them); remove by hand with `userdel pttd` if you want.
 # Idempotent: running it again, or on a system without pttd, does nothing and exits 0.
@@ -13,8 +14,9 @@ usage() {
   cat <<EOF
 usage: sudo ./$prog [options]
 
-  --purge           also remove /etc/pttd (pttd.toml and the API key) and unit drop-ins
-                    (/etc/systemd/system/pttd.service.d)
+  --purge           also remove /etc/pttd (pttd.toml and the API key), unit drop-ins
+                    (/etc/systemd/system/pttd.service.d) and /var/lib/pttd (the spool of
+                    presses waiting for the network)
   --root DIR        uninstall from DIR instead of / (also: DESTDIR=DIR)
   --no-systemctl    do not run systemctl (no stop, disable or daemon-reload)
   -h, --help        this text
@@ -86,9 +88,10 @@ if [ -L "$R/usr/local/bin/pttd" ] && [ "$(readlink "$R/usr/local/bin/pttd")" = /
 fi
 
 if [ "$PURGE" = 1 ]; then
-  remove /etc/pttd /etc/systemd/system/pttd.service.d
-elif [ -d "$R/etc/pttd" ]; then
-  say "kept /etc/pttd (config and API key): remove it with --purge"
+  remove /etc/pttd /etc/systemd/system/pttd.service.d /var/lib/pttd
+else
+  if [ -d "$R/etc/pttd" ]; then say "kept /etc/pttd (config and API key): remove it with --purge"; fi
+  if [ -d "$R/var/lib/pttd" ]; then say "kept /var/lib/pttd (presses waiting to be sent): remove it with --purge"; fi
 fi
 
 if [ "$SYSTEMCTL" = 1 ] && [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then

@@ -93,7 +93,8 @@ CONTENDERS = ("pttd", "session", "sdk", "bare")
 _SERVER = r"""
 import json, sys
 from tests.fakes.fake_v3 import FakeV3Server
-srv = FakeV3Server(script=["hello world"], api_keys={sys.argv[1]}, expires_in_s=3600)
+srv = FakeV3Server(script=["hello world"], api_keys={sys.argv[1]}, expires_in_s=3600,
+                   python_booleans=True)  # the SDK sends format_turns=True
 srv.start()
 print(srv.url, flush=True)
 done = 0

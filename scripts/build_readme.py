@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["00-head.md", "10-how.md", "install.md", "audio.md", "control-and-leds.md",
-         "20-contract.md", "systemd.md", "local-engine.md", "kiosk.md", "typing-and-mqtt.md",
+         "20-contract.md", "fleet-tokens.md", "systemd.md", "local-engine.md", "kiosk.md", "typing-and-mqtt.md",
          "90-deps.md"]
 
 

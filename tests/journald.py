@@ -9,17 +9,24 @@ How it works (root only; no systemd as PID 1 needed):
    bind-mounts a test ``journald.conf`` (Storage=volatile, no forwarding, no kernel log, no
    rate limit) over ``/etc/systemd/journald.conf``, then execs
    ``/lib/systemd/systemd-journald``. Without socket activation journald binds
-   ``/run/systemd/journal/{socket,stdout,dev-log}`` itself.
+   ``/run/systemd/journal/{socket,stdout,dev-log}`` itself. It logs to its stderr
+   (``SYSTEMD_LOG_TARGET=console``), so a journald that fails says why.
 2. Start-up is awaited (bounded) by polling ``/proc/<pid>/root/run/systemd/journal/``, which
    shows that namespace's view of the path.
-3. Commands run in the namespace via ``nsenter --target <pid> --mount``: libsystemd there
-   finds the private ``/run/systemd/journal/socket``. nsenter execs (no fork), so a Popen's
-   pid is the command's own pid and signals reach it directly. Anything else — the test's
-   own sockets, files in /tmp — is shared as usual.
+3. Commands run in the namespace via ``nsenter --target <pid> --mount --root``: libsystemd
+   there finds the private ``/run/systemd/journal/socket``. ``--root`` keeps them in journald's
+   root directory: entering a mount namespace resets the root to the namespace's own, which
+   in a chroot (CI's Debian 13 run) is the host's, not the chroot's. nsenter execs (no fork),
+   so a Popen's pid is the command's own pid and signals reach it directly. Anything else —
+   the test's own sockets, files in /tmp — is shared as usual.
 4. ``journalctl --sync`` (inside) makes journald write everything received so far, then
    ``journalctl -o json --all [MATCH...]`` reads the records back as dicts of strings.
 5. Stopping sends SIGTERM to journald; the namespace and its tmpfs vanish with it. journald
    also gets PR_SET_PDEATHSIG, so it dies with the test process.
+
+Works in a chroot too, if the chroot's root is a mount point (``mount --bind DIR DIR``:
+``unshare --propagation private`` cannot make a plain directory private) and /proc, /sys and
+/dev are mounted in it; ``/run/systemd`` and ``/run/log`` are created when missing.
 
 Use:
 
@@ -69,6 +76,11 @@ RateLimitIntervalSec=0
 """
 _SETUP = r"""
 set -e
+mkdir -p /run/systemd /run/log
+# journald wants its cgroup; a chroot may have /sys without the cgroup2 mount (private here)
+if [ -d /sys/fs/cgroup ] && ! mountpoint -q /sys/fs/cgroup 2>/dev/null; then
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || true
+fi
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd
 mkdir -p /run/systemd/journal
 mount -t tmpfs -o mode=0755 tmpfs /run/log
@@ -107,7 +119,10 @@ def unavailable_reason() -> str | None:
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
                            capture_output=True, text=True, timeout=10)
     if probe.returncode != 0:
-        return "unshare --mount not permitted: " + probe.stderr.strip()
+        hint = ""
+        if "propagation" in probe.stderr and not os.path.ismount("/"):
+            hint = " (/ is not a mount point: in a chroot, bind-mount its directory onto itself)"
+        return "unshare --mount not permitted: " + probe.stderr.strip() + hint
     return None
 
 
@@ -141,7 +156,7 @@ class Journald:
             ["unshare", "--mount", "--propagation", "private",
              "sh", "-c", _SETUP, "setup", conf, journald_binary()],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=_clean_env(), preexec_fn=_die_with_parent)
+            env=dict(_clean_env(), SYSTEMD_LOG_TARGET="console"), preexec_fn=_die_with_parent)
         self.pid = self._proc.pid
         try:
             self._await_sockets()
@@ -181,7 +196,8 @@ class Journald:
         deadline = time.monotonic() + self.startup_timeout
         while not all(os.path.exists(p) for p in wanted):
             if self._proc.poll() is not None:
-                raise RuntimeError(f"journald exited with {self._proc.returncode}: {self.log}")
+                raise RuntimeError(f"journald exited with {self._proc.returncode}: "
+                                   f"{self.log.strip() or '(it said nothing)'}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"journald sockets not up after {self.startup_timeout}s: {self.log}")
             time.sleep(0.02)
@@ -189,8 +205,8 @@ class Journald:
     # -- commands
     def command(self, argv: Sequence[str], cwd: str | None = None) -> list[str]:
         """``argv`` wrapped to run inside the namespace, in ``cwd`` (default: ours)."""
-        return ["nsenter", f"--target={self.pid}", "--mount", f"--wd={cwd or os.getcwd()}",
-                "--", *argv]
+        return ["nsenter", f"--target={self.pid}", "--mount", "--root",
+                f"--wd={cwd or os.getcwd()}", "--", *argv]
 
     def popen(self, argv: Sequence[str], *, env: Mapping[str, str | None] | None = None,
               cwd: str | None = None, journal_stream: bool | str = False,

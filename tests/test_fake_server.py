@@ -85,7 +85,9 @@ class RawClient:
 
     def __init__(self, url: str, params: dict | None = None, *, key: str | None = "test-key",
                  headers: dict | None = None) -> None:
-        query = urllib.parse.urlencode(params or {})
+        # a careful client: JSON's lowercase booleans (the server takes nothing else)
+        query = urllib.parse.urlencode({k: (str(v).lower() if isinstance(v, bool) else v)
+                                        for k, v in (params or {}).items()})
         all_headers = dict(headers or {})
         if key is not None:
             all_headers["Authorization"] = key
@@ -301,14 +303,19 @@ def test_begin_shape(v3_server, model, family, mode):
 
 
 def test_query_parsing_types():
-    query = parse_query("format_turns=True&speaker_labels=false&sample_rate=8000"
+    query = parse_query("format_turns=true&speaker_labels=false&sample_rate=8000"
                         "&keyterms_prompt=%5B%22pttd%22%2C%22Raspberry%20Pi%22%5D"
                         "&llm_gateway=%7B%22model%22%3A%22x%22%7D&vad_threshold=0.5"
                         "&speech_model=u3-rt-pro")
     assert query == {"format_turns": True, "speaker_labels": False, "sample_rate": 8000,
                      "keyterms_prompt": ["pttd", "Raspberry Pi"], "llm_gateway": {"model": "x"},
                      "vad_threshold": 0.5, "speech_model": "u3-rt-pro"}
-    assert parse_query("format_turns=TRUE")["format_turns"] is True
+    for strict in ("format_turns=True", "format_turns=TRUE", "format_turns=1",
+                   "format_turns=yes", "speaker_labels=False", "speaker_labels=0",
+                   "keyterms_prompt=pttd,pi", 'keyterms_prompt="pttd"',
+                   "keyterms_prompt=%7B%7D"):
+        with pytest.raises(QueryError):  # JSON's lowercase booleans and JSON arrays only
+            parse_query(strict)
     with pytest.raises(QueryError):
         parse_query("format_turns=yes")
     with pytest.raises(QueryError):
@@ -335,7 +342,7 @@ def test_invalid_query_parameter_is_an_error_after_begin_would_be(v3_server):
 
 def test_records_capture_headers_query_frames_and_close(v3_server):
     server = v3_server()
-    params = {"speech_model": US, "format_turns": "True", "keyterms_prompt": '["pttd"]'}
+    params = {"speech_model": US, "format_turns": "true", "keyterms_prompt": '["pttd"]'}
     with RawClient(server.url, params, headers={"User-Agent": "raw-test"}) as client:
         client.wait_type("Begin")
         client.send_audio(pcm(tone(300)))

@@ -200,6 +200,38 @@ def test_install_writes_the_files(installed):
 
 
 @installer_test
+def test_without_the_local_extra_the_offline_engine_exits_2_naming_it(installed, tmp_path):
+    """install.sh without --with-local is a plain ``pip install`` (no [local] extra): ``pttd demo``
+    and ``url``/``fallback = "local"`` stop at once with one line naming the extra."""
+    import wave
+
+    root, _ = installed
+    venv = root / "opt/pttd/venv"
+    has = subprocess.run([str(venv / "bin/python"), "-c", "import pocketsphinx"],
+                         capture_output=True, timeout=60)
+    if has.returncode == 0:
+        pytest.skip("pocketsphinx is importable from this system's site-packages")
+    wav = tmp_path / "mic.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(bytes(3200))
+    common = (f'[audio]\nsource = "wav"\nwav = "{wav}"\n[gpio]\npin_factory = "mock"\n'
+              f'[control]\nsocket = "{tmp_path}/ctl.sock"\n[output]\njournal = false\n')
+    local = tmp_path / "local.toml"
+    local.write_text('[stt]\nurl = "local"\n' + common)
+    fallback = tmp_path / "fallback.toml"
+    fallback.write_text('[stt]\napi_key = "k"\nfallback = "local"\n' + common)
+    for argv, what in ((["demo"], "pttd demo"), (["run", "-c", str(local)], 'stt.url = "local"'),
+                       (["run", "-c", str(fallback)], 'stt.fallback = "local"'),
+                       (["serve-local", "--port", "0"], "pttd serve-local")):
+        proc = subprocess.run([str(venv_pttd(root)), *argv], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert errors == [errors[-1]] and what in errors[0], proc.stderr
+        assert "pip install 'pttd[local]'" in errors[0] and "Traceback" not in proc.stderr
+
+
+@installer_test
 def test_rerun_keeps_config_and_key_and_enables(installed):
     root, _ = installed
     conf = root / "etc/pttd/pttd.toml"

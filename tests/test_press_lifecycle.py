@@ -6,10 +6,16 @@ and ``pttd.streamer.Streamer`` (the real ones are proven against the fake v3 ser
 here what matters is every order in which their reports can reach the controller), a fake
 clock for every deadline, a real ring buffer and the real ``Outputs`` fan-out with a sink that
 fails. Hypothesis draws the interleavings; the invariant is stated once (``check_invariants``).
+With a spool (real files in a temporary directory) a stop may leave presses "spooled"; a second
+controller on the same directory (the restart) must then end each of them exactly once.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import random
+import tempfile
 import time
 
 import pytest
@@ -24,6 +30,7 @@ from pttd.press import IllegalMove, Outcome, Press, PressPhase
 from pttd.protocol import Begin, FinalTurn, Turn, Word
 from pttd.ring import RingBuffer
 from pttd.session import SessionClosed
+from pttd.spool import Spool
 from pttd.streamer import StreamDone, StreamFailed
 
 RATE = 16000
@@ -143,7 +150,8 @@ class Harness:
     """One controller in its world, and a record of everything it emitted."""
 
     def __init__(self, *, keep_warm_s: float = 0.0, fallback: bool = False,
-                 failing_sink: bool = False, button_mode: str = "hold", seed: int = 0):
+                 failing_sink: bool = False, button_mode: str = "hold", seed: int = 0,
+                 spool_dir=None, max_bytes: int = 64 << 20, max_age_s: float = 86400.0):
         self.world = World()
         self.clock = FakeClock()
         self.ring = RingBuffer(RATE * 60, RATE)
@@ -156,11 +164,20 @@ class Harness:
         self.outputs = Outputs(sinks, threaded=False)
         settings_ = Settings(keep_warm_s=keep_warm_s, fallback=fallback, button_mode=button_mode,
                              max_connect_attempts=3)
+        # a real spool on real files; its I/O done at once (the controller still hears of each
+        # write through its queue, as from the spool thread)
+        self.spool = None if spool_dir is None else Spool(
+            spool_dir, max_bytes=max_bytes, max_age_s=max_age_s, threaded=False)
         self.c = Controller(
             ring=self.ring, settings=settings_, emit=self.outputs.emit,
             emit_confirmed=self.outputs.emit, clock=self.clock, rng=random.Random(seed),
             session_factory=lambda on_event, engine="cloud": FakeSession(self.world, engine),
-            streamer_factory=lambda *a, **k: FakeStreamer(self.world, *a, **k))
+            streamer_factory=lambda *a, **k: FakeStreamer(self.world, *a, **k),
+            spool=self.spool)
+        self.c.load_spool()  # (Controller.start does this; here there is no thread)
+        self.restored = {p.press_id for p in self.c._presses}
+        self.first_new = self.c._press_counter + 1
+        self._see_presses()
 
     # --- driving ---------------------------------------------------------------------------------
 
@@ -213,6 +230,9 @@ class Harness:
             self.step(StreamFailed(streamer, "Broken: injected"))
 
     def tick(self, seconds: float) -> None:
+        """Time passes: the mic delivers audio (at most 2 s of it, the ring holds 60 s), so
+        presses waiting for the network get their audio complete (and spooled)."""
+        self.ring.append(bytes(2 * int(min(seconds, 2.0) * RATE)))
         self.clock.now += seconds
         self.step()
 
@@ -251,7 +271,8 @@ class Harness:
 
     def check_invariants(self, *, stopped: bool = False) -> None:
         c = self.c
-        assert c._press_counter == len(self.presses), "a press was never seen"
+        new = set(range(self.first_new, c._press_counter + 1))
+        assert set(self.presses) == self.restored | new, "a press was never seen"
         errors: dict[int, list[dict]] = {}
         finals: dict[int, list[dict]] = {}
         for e in self.events:
@@ -273,6 +294,15 @@ class Harness:
             if press.outcome is Outcome.SILENT:
                 assert not finals.get(pid), f"press {pid} is silent but had finals"
                 assert not press.last_partial, f"press {pid} lost words: {press.last_partial!r}"
+            if press.outcome is Outcome.SPOOLED:  # left for the next run, which ends it
+                assert stopped, f"press {pid} spooled while pttd runs"
+                assert not finals.get(pid), f"press {pid} spooled after a final"
+                assert (self.spool.dir / press.spool.name).exists(), f"press {pid}: no file"
+            elif press.spool is not None and self.spool is not None:
+                assert not (self.spool.dir / press.spool.name).exists(), \
+                    f"press {pid} ended ({press.outcome.value}) but its file is still spooled"
+            if press.press_id in self.restored and finals.get(pid):
+                assert all(f.get("late") is True and "pressed_at" in f for f in finals[pid])
         keys = [(e["session_id"], e["turn_order"]) for e in self.events if e["event"] == "final"]
         assert len(keys) == len(set(keys)), "a final was delivered twice"
         for s in self.world.sessions:
@@ -425,19 +455,57 @@ def run_action(h: Harness, action: tuple) -> None:
 @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(actions, min_size=8, max_size=80), keep_warm=st.booleans(), fallback=st.booleans(),
-       failing_sink=st.booleans(), toggle_button=st.booleans(), stop_at_end=st.booleans())
+       failing_sink=st.booleans(), toggle_button=st.booleans(), stop_at_end=st.booleans(),
+       spool=st.sampled_from([None, 64 << 20, 64_000]),  # 64 kB: ~2 s of audio: drops
+       restart_steps=st.lists(st.one_of(st.just(("begin", 0)), st.just(("answer", "late words")),
+                                        actions), max_size=24))
 def test_every_press_ends_in_exactly_one_final_or_error(steps, keep_warm, fallback, failing_sink,
-                                                         toggle_button, stop_at_end):
-    h = Harness(keep_warm_s=30.0 if keep_warm else 0.0, fallback=fallback,
-                failing_sink=failing_sink, button_mode="toggle" if toggle_button else "hold")
-    for action in steps:
-        run_action(h, action)
-    h.step(SourceStatus("online", ""))  # (an injected fault still pending fires while settling)
-    if stop_at_end:
-        h.stop()
-    else:
-        h.settle()
-    h.check_invariants(stopped=stop_at_end)
+                                                         toggle_button, stop_at_end, spool,
+                                                         restart_steps):
+    with tempfile.TemporaryDirectory() as spool_dir, only_critical_logs():
+        kw = dict(keep_warm_s=30.0 if keep_warm else 0.0, fallback=fallback,
+                  failing_sink=failing_sink, button_mode="toggle" if toggle_button else "hold")
+        if spool is not None:
+            kw.update(spool_dir=spool_dir, max_bytes=spool)
+        h = Harness(**kw)
+        for action in steps:
+            run_action(h, action)
+        h.step(SourceStatus("online", ""))  # (an injected fault still pending fires while settling)
+        if stop_at_end:
+            h.stop()
+        else:
+            h.settle()
+        h.check_invariants(stopped=stop_at_end)
+        if spool is None or not stop_at_end:
+            assert spool is None or not os.listdir(spool_dir), "files left after every press ended"
+            return
+        # the restart: a new controller on the same spool ends each spooled press exactly once
+        spooled = {pid for pid, p in h.presses.items() if p.outcome is Outcome.SPOOLED}
+        h2 = Harness(**kw)
+        assert h2.restored == spooled
+        for action in restart_steps:
+            run_action(h2, action)
+        h2.step(SourceStatus("online", ""))
+        h2.settle()
+        h2.check_invariants()
+        assert not os.listdir(spool_dir), "files left after every press ended"
+        for pid in spooled:  # never an event for it in the first run, one end in the second
+            assert not [e for e in h.events if e.get("press_id") == pid]
+            assert h2.presses[pid].ended
+
+
+@contextlib.contextmanager
+def only_critical_logs():
+    """pytest keeps every log record of a test, and a record of ``log.exception`` keeps its
+    traceback, whose frames keep that example's whole Harness (a ring buffer each): over
+    thousands of examples that was 2.9 GB. The invariant's assertions say what went wrong."""
+    logger = logging.getLogger("pttd")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # --- each phase's deadline, one at a time ---------------------------------------------------------

@@ -135,14 +135,26 @@ def check_server(cfg: Config, report: Report) -> None:
             return
     try:
         full = protocol.build_url(url, cfg.stt.speech_model, cfg.audio.sample_rate,
-                                  cfg.stt.format_turns, cfg.stt.params)
-        session = Session(full, cfg.stt.api_key, on_event=lambda s, e: None,
-                          sample_rate=cfg.audio.sample_rate)
+                                  None if protocol.is_u3(cfg.stt.speech_model)
+                                  else cfg.stt.format_turns, cfg.stt.params)
+        if cfg.stt.token_url and engine is None:  # fleet mode: a token from the broker
+            from .tokens import TokenSource
+
+            tokens = TokenSource(cfg.stt.token_url, cfg.stt.token_auth_file, prefetch=False)
+            session = Session(tokens.provider(full), cfg.stt.api_key, on_event=lambda s, e: None,
+                              sample_rate=cfg.audio.sample_rate,
+                              credential_id=tokens.credential_id)
+        else:
+            session = Session(full, cfg.stt.api_key, on_event=lambda s, e: None,
+                              sample_rate=cfg.audio.sample_rate)
         started = time.monotonic()
         try:
             begin = session.connect()
         except ConnectError as exc:
-            fix = {"auth": "check the key in /etc/pttd/api-key and the account balance",
+            fix = {"auth": ("check stt.token_auth_file against the broker's devices file"
+                            if cfg.stt.token_url else
+                            "check the key in /etc/pttd/api-key and the account balance"),
+                   "config": "check stt.url, stt.speech_model and stt.params",
                    "rate_limited": "wait a minute; too many sessions were opened",
                    "transport": "check the network, DNS and the clock (TLS needs the time)"}
             report.line("FAIL", "server", f"{cfg.stt.url}: {exc}",

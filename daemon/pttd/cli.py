@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("serve-local", help="the offline v3-compatible engine")
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8765)
+    tokens = with_config(sub.add_parser(
+        "serve-tokens", help="token broker for a fleet: one-use AssemblyAI tokens, key stays here"))
+    tokens.add_argument("--listen", required=True, metavar="HOST:PORT")
+    tokens.add_argument("--devices", required=True, metavar="FILE",
+                        help="'device_id secret' per line, mode 0600")
+    tokens.add_argument("--max-session-s", type=int, default=600, metavar="N",
+                        help="cap on each token's session (60-10800, default 600)")
+    tokens.add_argument("--expires-s", type=int, default=300, metavar="N",
+                        help="how long a token may wait unused (1-600, default 300)")
+    tokens.add_argument("--per-device-per-minute", type=int, default=30, metavar="N",
+                        help="tokens per device per minute before 429 (default 30)")
+    tokens.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    tokens.add_argument("--tls-key", metavar="FILE", help="... and this private key")
     return parser
 
 
@@ -144,12 +157,15 @@ def _socket_path(args) -> str:
 
 
 def cmd_demo(args) -> int:
+    from .daemon import StartupError
     from .demo import run_demo
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the demo's own lines tell the story
-
-    return run_demo(jsonl=args.jsonl)
+    try:
+        return run_demo(jsonl=args.jsonl)
+    except StartupError as exc:   # e.g. installed without the [local] extra
+        raise UsageError(str(exc)) from None
 
 
 def cmd_check(args) -> int:
@@ -167,12 +183,26 @@ def cmd_record(args) -> int:
 
 
 def cmd_serve_local(args) -> int:
+    from .daemon import StartupError, require_pocketsphinx
+
+    try:
+        require_pocketsphinx("pttd serve-local")
+    except StartupError as exc:
+        raise UsageError(str(exc)) from None
     from .local_engine import serve
 
     return serve(args.host, args.port)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "check": cmd_check, "events": cmd_events,
+def cmd_serve_tokens(args) -> int:
+    from .tokens import serve
+
+    return serve(_load(args), args.listen, args.devices, max_session_s=args.max_session_s,
+                 expires_s=args.expires_s, per_device_per_minute=args.per_device_per_minute,
+                 tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+COMMANDS = {"serve-tokens": cmd_serve_tokens, "run": cmd_run, "demo": cmd_demo, "check": cmd_check, "events": cmd_events,
             "record": cmd_record, "serve-local": cmd_serve_local,
             **{name: cmd_control for name in CONTROL_COMMANDS}}
 

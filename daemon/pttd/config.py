@@ -83,6 +83,26 @@ def _url(v: str) -> str | None:
     return None
 
 
+def _token_url(v: str) -> str | None:
+    """"" (off), an https:// URL, or http:// to a loopback host (never a secret in clear)."""
+    if v == "":
+        return None
+    try:
+        parts = urllib.parse.urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        return f"must be an https:// URL ({exc})"
+    if parts.scheme not in ("https", "http") or not parts.hostname or any(c.isspace() for c in v):
+        return "must be an https:// URL with a host"
+    if parts.scheme == "http":
+        from .tokens import is_loopback_host
+
+        if not is_loopback_host(parts.hostname):
+            return "must be https:// (http:// only to a loopback host: the secret and the token " \
+                   "would cross the network in clear)"
+    return None
+
+
 def _str_list(v: list) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
 
@@ -116,6 +136,11 @@ class SttConfig:
     fallback_retry_s: float = _opt(30.0, _between(1, 3600),
                                    "after a cloud failure, use the local engine this long")
     params: dict = _opt({}, None, "other v3 query parameters, passed through")
+    # fleet mode (issue 24): a one-use temporary token per session from this URL, no key here
+    token_url: str = _opt("", lambda v: _token_url(v), "GET -> {token, expires_in_seconds}")
+    token_auth_file: str = _opt("", None, "sent to token_url as Authorization: Bearer <content>")
+    sessions_per_minute: int = _opt(0, _between(0, 100000),
+                                    "the account's new-session limit; 0 = learn it (3009)")
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,18 @@ class LocalConfig:
     phrases: list = _opt([], _str_list)
 
 
+def _abs_dir(v: str) -> str | None:
+    return None if v == "" or v.startswith("/") else 'must be an absolute path, or "" (off)'
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = _opt("/var/lib/pttd/spool", _abs_dir,
+                    "presses waiting for the network survive restarts; \"\" = memory only")
+    max_mb: float = _opt(64.0, _between(0.01, 1048576), "the oldest waiting press is dropped past it")
+    max_age_h: float = _opt(24.0, _between(0.01, 8760), "older waiting presses are dropped")
+
+
 @dataclass(frozen=True)
 class Config:
     stt: SttConfig = field(default_factory=SttConfig)
@@ -249,6 +286,7 @@ class Config:
     kiosk: KioskConfig = field(default_factory=KioskConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     path: str = ""
 
     @property
@@ -259,13 +297,13 @@ class Config:
 SECTIONS: dict[str, type] = {
     "stt": SttConfig, "audio": AudioConfig, "button": ButtonConfig, "leds": LedsConfig,
     "gpio": GpioConfig, "control": ControlConfig, "output": OutputConfig, "kiosk": KioskConfig,
-    "mqtt": MqttConfig, "local": LocalConfig,
+    "mqtt": MqttConfig, "local": LocalConfig, "spool": SpoolConfig,
 }
 
 # Query parameters that pttd sets itself; passing them through [stt] params would fight it.
 _OWN_PARAMS = {"speech_model": "stt.speech_model", "format_turns": "stt.format_turns",
                "sample_rate": "audio.sample_rate", "encoding": "(always pcm_s16le)",
-               "token": "(use stt.api_key)"}
+               "token": "(use stt.token_url)"}
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -356,6 +394,9 @@ def from_dict(data: dict, path: str = "", environ: dict | None = None) -> Config
         sections[name] = _build_section(name, cls, table)
     cfg = Config(**sections, path=path)
     _cross_checks(cfg)
+    if cfg.stt.token_url:  # fleet mode: no key on the device, ever
+        _check_token_mode(cfg.stt)
+        return cfg
     stt = dataclasses.replace(cfg.stt, api_key=resolve_api_key(cfg.stt, environ, path))
     return dataclasses.replace(cfg, stt=stt)
 
@@ -453,6 +494,21 @@ def _is_loopback(listen: str) -> bool:
     return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+def _check_token_mode(stt: SttConfig) -> None:
+    if stt.api_key or stt.api_key_file:
+        raise ConfigError("stt.token_url is set: remove stt.api_key / stt.api_key_file "
+                          "(in fleet mode the key stays on the token broker)")
+    if stt.url == "local":
+        raise ConfigError('stt.token_url needs a cloud stt.url, not "local"')
+    if stt.token_auth_file:
+        try:
+            secret = read_text_file(stt.token_auth_file, "stt.token_auth_file").strip()
+        except FileNotFoundError:
+            raise ConfigError(f"stt.token_auth_file: {stt.token_auth_file} not found") from None
+        if not secret:
+            raise ConfigError(f"stt.token_auth_file: {stt.token_auth_file} is empty")
+
+
 def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
     """The key from api_key, api_key_file, $ASSEMBLYAI_API_KEY or the systemd credential."""
     if stt.api_key:
@@ -484,7 +540,7 @@ def _read_key(path: Path, origin: str, allow_empty: bool = False) -> Secret:
 
 def require_api_key(cfg: Config) -> None:
     """A cloud URL needs a key; say where one can go (without ever showing one)."""
-    if cfg.is_local or cfg.stt.api_key:
+    if cfg.is_local or cfg.stt.api_key or cfg.stt.token_url:
         return
     raise ConfigError("no AssemblyAI API key: set stt.api_key_file (or stt.api_key), "
                       "$ASSEMBLYAI_API_KEY, or the systemd credential "

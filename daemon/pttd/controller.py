@@ -7,7 +7,9 @@ a new turn without touching the old one. A press whose session fails before its 
 replayed from the ring buffer on a new session, from just after the last word already delivered.
 Each press's phase is stored on it (press.py) and every phase has a deadline, checked here, so a
 press always ends: with its last final, with one error event carrying its ``press_id``, with
-nothing said, or cancelled.
+nothing said, or cancelled. With a spool (spool.py), a press waiting for the network is also
+written to disk once its audio is complete; one still waiting when pttd stops is left there
+("spooled") and the next run loads it under the same id, sends it and ends it.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ EXPIRY_MARGIN_S = 60.0
 FINAL_OUT_WAIT_S = 0.05
 
 
+def _restored(press: Press) -> bool:
+    """Loaded from the spool at start-up: its ring positions are an earlier run's."""
+    return press.spool is not None and press.spool.restored
+
+
 def _lifetime_left(session: Session) -> float:
     expires = session.begin.expires_at if session.begin is not None else None
     return float("inf") if expires is None else expires - time.time()
@@ -69,6 +76,13 @@ class SourceStatus:
 @dataclass(frozen=True)
 class _Stop:
     deadline: float
+
+
+@dataclass(frozen=True)
+class SpoolDone:
+    """The spool thread has written a press's file (``error`` None) or failed to."""
+    entry: object
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -111,12 +125,13 @@ class Controller:
                  emit: Callable[[dict], None], on_state: Callable[[State, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None,
-                 streamer_factory: Callable[..., Streamer] = Streamer):
+                 streamer_factory: Callable[..., Streamer] = Streamer, spool=None):
         """``emit_confirmed(event, on_delivered)`` (optional; ``Outputs.emit``) emits like
         ``emit`` and calls ``on_delivered`` once the outputs have the event: a press's last
         final is emitted so, and the press ends when it is out (``FINAL_OUT_WAIT_S``).
         ``clock`` times every deadline; ``streamer_factory`` builds a press's streamer (tests
-        drive the lifecycle with their own)."""
+        drive the lifecycle with their own). ``spool`` (a ``spool.Spool``, or None: memory
+        only) keeps presses waiting for the network on disk across restarts."""
         self.ring = ring
         self.s = settings
         self._new_session = session_factory
@@ -145,12 +160,45 @@ class Controller:
         self.last_final: dict | None = None
         self.dropped_items = 0
         self.errors = 0                       # items whose handling raised (a pttd bug)
+        self._spool = spool
+        # presses waiting for the network (published for ``status``: read from other threads)
+        self.waiting: dict = {"waiting": 0, "waiting_s": 0.0, "spooled": 0}
+        self._draining = False
+        self._drain_again = False
 
     # --- thread-safe entry points ----------------------------------------------------------------
 
     def start(self) -> None:
         self._emit(events.state_event(self.state))
+        self.load_spool()
         self._thread.start()
+
+    def load_spool(self) -> None:
+        """Take up the presses an earlier run left in the spool, oldest first, under their own
+        ids (new presses are numbered after them). They wait like presses made offline: the
+        first pass of the loop sends the oldest (or drops those past ``max_age_h``). Called by
+        ``start`` before the thread runs (tests without the thread call it themselves)."""
+        if self._spool is None:
+            return
+        entries, problems = self._spool.load()
+        for problem in problems:
+            log.warning("spool: %s", problem)
+        for entry in entries:
+            m = entry.meta
+            press = Press(entry.press_id, int(m.get("start_pos") or 0), time.monotonic())
+            press.released_at = time.monotonic()  # released long ago (``released_wall``)
+            press.end_pos = int(m.get("end_pos") or (m["audio_start"] + entry.samples))
+            replay = m.get("replay_pos")
+            press.replay_pos = int(replay) if isinstance(replay, int) else None
+            press.lost_samples = int(m.get("lost_samples") or 0)
+            press.pressed_wall = m.get("pressed_at")
+            press.late = True
+            press.spool = entry
+            self._presses.append(press)
+            self._press_counter = max(self._press_counter, press.press_id)
+        if entries:
+            log.info("spool: %d press(es) from an earlier run wait to be sent", len(entries))
+        self._publish_waiting()
 
     def post(self, item: object) -> bool:
         """Enqueue from any thread; never blocks. Overflow drops the item and counts it."""
@@ -167,7 +215,7 @@ class Controller:
         if name == "status":
             return {"ok": True, "state": self.state.value, "detail": self.state_detail,
                     "last_final": self.last_final,
-                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate)}
+                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate), **self.waiting}
         if name not in ("press", "release", "toggle", "cancel"):
             return {"ok": False, "error": f"unknown command {name!r}"}
         if not self.post(Command(name, source)):
@@ -189,12 +237,8 @@ class Controller:
     # --- the loop --------------------------------------------------------------------------------
 
     def _main(self) -> None:
+        item = None  # a first pass at once: presses loaded from the spool go out now
         while True:
-            timeout = self._next_deadline()
-            try:
-                item = self._q.get(timeout=timeout)
-            except queue.Empty:
-                item = None
             try:
                 self.process(item)
             except Exception:
@@ -204,6 +248,11 @@ class Controller:
             if self._stopping is not None and self._stop_complete():
                 self._shutdown_sessions()
                 return
+            timeout = self._next_deadline()
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = None
 
     def process(self, item: object | None) -> None:
         """One pass of the loop: handle ``item`` (None: nothing arrived), then act on every
@@ -238,6 +287,8 @@ class Controller:
         elif isinstance(item, _FinalOut):
             if item.press.phase is PressPhase.DELIVERING:
                 self._end(item.press, Outcome.FINAL, terminate=True)
+        elif isinstance(item, SpoolDone):
+            self._on_spool_done(item)
         elif isinstance(item, _Stop):
             self._begin_stop(item)
 
@@ -279,11 +330,12 @@ class Controller:
         preroll = self.s.preroll_ms * self.s.sample_rate // 1000
         start = max(self.ring.start, self.ring.position_at(at) - preroll)
         previous = self._presses[-1] if self._presses else None
-        if previous is not None and previous.end_pos is not None:
+        if previous is not None and previous.end_pos is not None and not _restored(previous):
             start = max(start, previous.streamer.end if previous.streamer and previous.streamer.end
                         else previous.end_pos)
         self._press_counter += 1
         press = Press(self._press_counter, start, at)  # WAITING, no deadline: queued
+        press.pressed_wall = time.time() - (time.monotonic() - at)
         waiting = any(p.phase is PressPhase.WAITING for p in self._live())
         self._presses.append(press)
         self._auth_blocked = False  # an explicit press earns one more try after a 1008
@@ -314,6 +366,8 @@ class Controller:
     # --- sessions --------------------------------------------------------------------------------
 
     def _open_session(self, press: Press) -> None:
+        if press.audio is None and press.spool is not None and not self._load_spooled(press):
+            return  # (it ended with an error)
         if self._warm is not None and self._warm.is_open:
             session, self._warm, self._warm_until = self._warm, None, None
             press.session = session
@@ -473,8 +527,9 @@ class Controller:
             ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
                                              * self.s.sample_rate / 1000)
             # a word time beyond the audio sent is the server's nonsense: never past the end
-            ring_pos = min(ring_pos, self.ring.end if press.end_pos is None
-                           else min(press.end_pos, self.ring.end))
+            source_end = press.audio.end if press.audio is not None else self.ring.end
+            ring_pos = min(ring_pos, source_end if press.end_pos is None
+                           else min(press.end_pos, source_end))
             press.replay_pos = max(press.replay_pos or press.start_pos, ring_pos)
         if last and press.phase is PressPhase.FINALIZING:
             self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=True)
@@ -501,11 +556,15 @@ class Controller:
 
     def _final_event(self, press: Press, session: Session, turn: Turn) -> dict:
         latency = 0 if press.released_at is None else (time.monotonic() - press.released_at) * 1000
+        if _restored(press) and isinstance(press.spool.meta.get("released_at"), (int, float)):
+            latency = max(0.0, (time.time() - press.spool.meta["released_at"]) * 1000)
         extra = {}
         if press.lost_samples:
             extra["gap_ms"] = int(press.lost_samples * 1000 / self.s.sample_rate)
         if press.late:
             extra["late"] = True
+            if press.pressed_wall is not None:
+                extra["pressed_at"] = round(press.pressed_wall, 3)
         if press.engine == "local":
             extra["engine"] = "local"
         if turn.language_code and isinstance(turn.language_code, str):
@@ -603,6 +662,9 @@ class Controller:
         streamer, session = press.streamer, press.session
         press.end(outcome, self._clock())
         log.debug("press %d ended: %s", press.press_id, outcome.value)
+        if press.spool is not None and outcome is not Outcome.SPOOLED:
+            self._spool.remove(press.spool)  # (after its write, if that is still queued)
+            press.audio = None
         if streamer is not None:
             streamer.stop(0.5)
         if session is not None:
@@ -614,14 +676,26 @@ class Controller:
 
         While the network is down one press in flight probes it (backing off between tries); if
         that press ends some other way (dropped, failed), the oldest queued one takes its place,
-        or the queue would wait for a Begin nobody asks for."""
+        or the queue would wait for a Begin nobody asks for. (Not re-entered: a press that ends
+        while being opened, e.g. its spool file is damaged, makes the loop try the next one.)"""
         if self._stopping is not None:
             return
-        live = self._live()
-        if any(not p.queued for p in live):
+        if self._draining:
+            self._drain_again = True
             return
-        if live:
-            self._open_session(live[0])
+        self._draining = True
+        try:
+            while True:
+                self._drain_again = False
+                live = self._live()
+                if any(not p.queued for p in live):
+                    return
+                if live:
+                    self._open_session(live[0])
+                if not self._drain_again:
+                    return
+        finally:
+            self._draining = False
 
     def _release_session(self, press: Press, session: Session, terminate: bool) -> None:
         keep = (terminate and press.outcome in (Outcome.FINAL, Outcome.SILENT)
@@ -675,6 +749,7 @@ class Controller:
             if warm is not None:
                 self._closing.add(warm)
                 warm.terminate_async()
+        self._expire_spooled()
         self._keep_waiting_audio()
         self._drain_queue()
         self._recent.extend(p for p in self._presses if p.ended)
@@ -706,19 +781,29 @@ class Controller:
             self._end(press, Outcome.FINAL, terminate=True)
 
     def _keep_waiting_audio(self) -> None:
-        """Copy the audio of released presses that wait for the network out of the ring.
+        """Copy the audio of released presses that wait for the network out of the ring, and
+        (with a spool) write it to disk: a press is spooled the first time this runs after it
+        is WAITING, released and its audio (post-roll included, plus one chunk) is in the ring.
+        Once its file is written its audio leaves memory (it is read back to be sent).
 
-        Bounded by ``offline_queue_s`` in all: the oldest waiting press is dropped past it.
+        Audio held in memory is bounded by ``offline_queue_s`` in all: the oldest waiting press
+        is dropped past it (with a spool, only presses whose file is not written yet count).
         """
         from .ring import snapshot
 
         waiting = [p for p in self._live() if p.phase is PressPhase.WAITING
                    and p.end_pos is not None]
         for press in waiting:
-            if press.audio is None and self.ring.end >= press.end_pos + self._chunk():
+            if (press.audio is None and press.spool is None
+                    and self.ring.end >= press.end_pos + self._chunk()):
                 start = press.replay_pos if press.replay_pos is not None else press.start_pos
                 press.audio = snapshot(self.ring, start, press.end_pos + self._chunk())
                 press.lost_samples += press.audio.start - start
+                self._spool_press(press)
+            elif press.audio is not None and press.spool is not None \
+                    and press.spool.state == "written":
+                press.audio = None
+        waiting = [p for p in waiting if not p.ended]
         limit = int(self.s.offline_queue_s * self.s.sample_rate)
         kept = [p for p in waiting if p.audio is not None]
         while kept and sum(p.audio.samples for p in kept) > limit:
@@ -755,7 +840,7 @@ class Controller:
     def _retry(self, press: Press) -> None:
         press.deadline = None
         oldest = press.replay_pos if press.replay_pos is not None else press.start_pos
-        if press.audio is not None:
+        if press.audio is not None or press.spool is not None:
             self._open_session(press)
             return
         if press.end_pos is not None and press.end_pos <= self.ring.start:
@@ -768,9 +853,172 @@ class Controller:
             press.replay_pos = self.ring.start
         self._open_session(press)
 
+    # --- the spool (spool.py) -------------------------------------------------------------------------
+
+    def _spool_press(self, press: Press) -> None:
+        """Queue the file of a waiting press whose audio is complete (``press.audio``); the spool
+        thread writes it and says so (``SpoolDone``). Room is made by dropping the oldest
+        spooled presses that have not started sending; a press that cannot fit stays in memory."""
+        if self._spool is None or press.spool is not None or press.audio is None:
+            return
+        audio = press.audio
+        pcm = audio.read(audio.start, audio.samples).data
+        size = self._spool.file_size(len(pcm) // 2)
+        if size > self._spool.max_bytes or not self._make_room(size):
+            log.warning("press %d: %.1f s of audio does not fit in the spool (max %g MB): it "
+                        "waits in memory only", press.press_id, len(pcm) / 2 / self.s.sample_rate,
+                        self._spool.max_bytes / 1048576)
+            return
+        now_wall, now_mono = time.time(), time.monotonic()
+        released = press.released_at if press.released_at is not None else now_mono
+        meta = {"press_id": press.press_id, "pressed_at": press.pressed_wall,
+                "released_at": now_wall - (now_mono - released), "spooled_at": now_wall,
+                "sample_rate": self.s.sample_rate, "audio_start": audio.start,
+                "start_pos": press.start_pos, "end_pos": press.end_pos,
+                "replay_pos": press.replay_pos, "lost_samples": press.lost_samples,
+                "engine": press.engine, "attempts": press.attempts,
+                "why": self._net_down or "waiting for an earlier press or a retry"}
+        press.spool = self._spool.add(meta, pcm, self._spool_written)
+
+    def _spool_written(self, entry, error: str | None) -> None:
+        """On the spool thread: hand the result to this thread (never refused: the spool's own
+        queue bounds how many there can be)."""
+        self._q.put_marker(SpoolDone(entry, error))
+
+    def _make_room(self, size: int) -> bool:
+        """Drop the oldest spooled presses not yet sending until ``size`` more bytes fit."""
+        spooled = [p for p in self._live() if p.spool is not None]
+        kept = [p for p in self._presses if p.outcome is Outcome.SPOOLED]  # (pttd is stopping)
+        total = sum(p.spool.size for p in spooled + kept)
+        candidates = [p for p in spooled
+                      if p.phase in (PressPhase.WAITING, PressPhase.CONNECTING)]
+        while total + size > self._spool.max_bytes and candidates:
+            oldest = candidates.pop(0)
+            total -= oldest.spool.size
+            self._fail_press(oldest, None, f"press {oldest.press_id} dropped: the spool holds at "
+                             f"most {self._spool.max_bytes / 1048576:g} MB of presses waiting for "
+                             f"the network (spool.max_mb); {self._spool.dir / oldest.spool.name} "
+                             "removed")
+        return total + size <= self._spool.max_bytes
+
+    def _on_spool_done(self, done: SpoolDone) -> None:
+        press = next((p for p in self._presses if p.spool is done.entry), None)
+        if done.error is not None:
+            done.entry.state = "failed"
+            if press is not None and not press.ended:
+                press.spool = None  # its audio is still in memory: it waits there
+                self._emit(events.error_event(None, f"press {press.press_id}: cannot write it to "
+                                              f"the spool ({done.error}); it waits in memory "
+                                              "only", None))
+                if self._stopping is not None and press.phase is PressPhase.WAITING:
+                    self._fail_press(press, None, "pttd stopped before this press could be sent")
+            return
+        done.entry.state = "written"
+        if press is None or press.ended:
+            return  # (its removal is queued after the write)
+        if self._stopping is not None and press.phase is PressPhase.WAITING:
+            self._end(press, Outcome.SPOOLED, terminate=False)
+
+    def _load_spooled(self, press: Press) -> bool:
+        """Read a spooled press's audio back to send it; a file too old, recorded at another
+        rate, gone or damaged ends the press with an error (False)."""
+        from .ring import Snapshot
+        from .spool import SpoolError, age_s
+
+        entry = press.spool
+        try:
+            if self._spool.max_age_s and age_s(entry.meta) > self._spool.max_age_s:
+                raise SpoolError(self._too_old(press))
+            if entry.meta.get("sample_rate") != self.s.sample_rate:
+                raise SpoolError(f"recorded at {entry.meta.get('sample_rate')} Hz, and "
+                                 f"audio.sample_rate is now {self.s.sample_rate}")
+            pcm = self._spool.read(entry)
+        except SpoolError as exc:
+            message = str(exc)
+            if not message.startswith("press "):
+                message = f"press {press.press_id} dropped: {message}"
+            self._fail_press(press, None, message)
+            return False
+        press.audio = Snapshot(int(entry.meta["audio_start"]), pcm, self.s.sample_rate)
+        return True
+
+    def _too_old(self, press: Press) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(press.pressed_wall or 0))
+        return (f"press {press.press_id} dropped: it waited more than "
+                f"{self._spool.max_age_s / 3600:g} h for the network (spool.max_age_h; "
+                f"pressed at {when})")
+
+    def _expire_spooled(self) -> None:
+        """Spooled presses waiting past ``max_age_h`` end with an error (oldest first; none is
+        opened while they go)."""
+        if self._spool is None or not self._spool.max_age_s:
+            return
+        from .spool import age_s
+
+        now = time.time()
+        old = [p for p in self._live() if p.spool is not None and p.phase is PressPhase.WAITING
+               and age_s(p.spool.meta, now) > self._spool.max_age_s]
+        if not old:
+            return
+        draining, self._draining = self._draining, True
+        try:
+            for press in old:
+                self._fail_press(press, None, self._too_old(press))
+        finally:
+            self._draining = draining
+
+    def _carry_over(self, press: Press) -> bool:
+        """pttd is stopping with this press not yet sent: leave it in the spool for the next
+        run. A press still held, or whose post-roll is not captured yet, is cut at the audio
+        there is (as a stop does to a streaming press). False: it cannot be kept."""
+        from .ring import snapshot
+
+        if self._spool is None or press.finals:
+            return False
+        if press.phase is PressPhase.CONNECTING:
+            session, press.session = press.session, None
+            if session is not None:
+                session.close(0)
+            press.move(PressPhase.WAITING)
+        if press.spool is None:
+            if press.audio is None:
+                start = press.replay_pos if press.replay_pos is not None else press.start_pos
+                end = self.ring.end if press.end_pos is None else min(press.end_pos, self.ring.end)
+                if end <= max(start, self.ring.start):
+                    return False
+                press.released_at = press.released_at or time.monotonic()
+                press.end_pos = end
+                press.audio = snapshot(self.ring, start, end + self._chunk())
+                press.lost_samples += press.audio.start - start
+            self._spool_press(press)
+            if press.spool is None:
+                return False
+        if press.spool.state == "written":
+            self._end(press, Outcome.SPOOLED, terminate=False)
+        return True  # a write still queued: it ends when the spool says it is on disk
+
+    def _publish_waiting(self) -> None:
+        """``status``: the presses waiting for the network (released, not sending yet), their
+        audio in seconds, and how many of them are on disk."""
+        n, samples, on_disk = 0, 0, 0
+        for p in self._presses:
+            if p.ended or p.end_pos is None:
+                continue
+            if p.phase is PressPhase.WAITING or (
+                    p.phase is PressPhase.CONNECTING and (p.late or p.spool is not None)):
+                n += 1
+                start = p.replay_pos if p.replay_pos is not None else p.start_pos
+                samples += max(0, p.end_pos - start)
+                on_disk += p.spool is not None and p.spool.state == "written"
+        waiting = {"waiting": n, "waiting_s": round(samples / self.s.sample_rate, 1),
+                   "spooled": on_disk}
+        if waiting != self.waiting:
+            self.waiting = waiting
+
     # --- state -------------------------------------------------------------------------------------
 
     def _refresh_state(self) -> None:
+        self._publish_waiting()
         if self._stopping is not None:
             return
         live = self._live()
@@ -809,14 +1057,19 @@ class Controller:
                 press.end_pos = press.streamer.finish(self.ring.end)  # skip the post-roll
                 press.move(PressPhase.FINALIZING, self._send_deadline(press))
             elif press.phase in (PressPhase.WAITING, PressPhase.CONNECTING):
-                self._fail_press(press, None, "pttd stopped before this press could be sent")
+                if not self._carry_over(press):
+                    self._fail_press(press, None, "pttd stopped before this press could be sent")
 
     def _stop_complete(self) -> bool:
         return not self._live() or time.monotonic() >= self._stopping.deadline - 1.0
 
     def _shutdown_sessions(self) -> None:
         for press in self._live():
-            self._fail_press(press, None, "pttd stopped before this press's final arrived")
+            written = press.spool is not None and press.spool.state == "written"
+            if written and not press.finals and press.phase is not PressPhase.DELIVERING:
+                self._end(press, Outcome.SPOOLED, terminate=False)  # sent again next run
+            else:
+                self._fail_press(press, None, "pttd stopped before this press's final arrived")
         sessions = set(self._closing)
         if self._warm is not None:
             sessions.add(self._warm)
@@ -827,3 +1080,6 @@ class Controller:
             session.wait_closed(deadline - time.monotonic())
         for session in sessions:
             session.close(0.2)  # shuts the socket first, so the joins are quick
+        if self._spool is not None:  # the queued writes and removals, within the stop's time
+            self._spool.close(max(0.2, self._stopping.deadline - time.monotonic()))
+        self._publish_waiting()

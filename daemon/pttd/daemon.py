@@ -7,7 +7,6 @@ the first press. Stop order is the reverse, each part joined with a timeout, all
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from . import events, protocol
 from .config import Config, ConfigError, require_api_key
 from .controller import Command, Controller, Settings
 from .events import State
+from .service import StopRequest
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,13 @@ class Daemon:
     cfg: Config
     extra_sinks: list = field(default_factory=list)
     url_override: str | None = None
-    _stop: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    _stop: StopRequest = field(default_factory=StopRequest)
     _parts: list = field(default_factory=list)
 
     def request_stop(self, *_args) -> None:
-        """Signal-safe and callable from any thread: one item on a SimpleQueue, whose put() is
-        reentrant. (``Event.set`` is not: a SIGTERM landing while the main thread holds the
-        Event's lock inside ``wait`` would deadlock the handler against its own thread.)"""
-        self._stop.put(None)
+        """Signal-safe and callable from any thread: a flag and one byte on a pipe that
+        ``run()`` sleeps on (``StopRequest``; a SIGTERM's C-level handler writes there too)."""
+        self._stop.request()
 
     # --- assembly ------------------------------------------------------------------------------
 
@@ -72,9 +71,16 @@ class Daemon:
             self.source = self._make_source()
         except AudioError as exc:
             raise StartupError(str(exc)) from None
+        from .spool import SpoolError, open_spool
+
+        try:
+            spool = open_spool(cfg.spool)  # presses waiting for the network survive restarts
+        except SpoolError as exc:
+            raise StartupError(str(exc)) from None
         self.controller = Controller(
             ring=self.ring, settings=self._settings(), session_factory=self._new_session,
-            emit=self.outputs.emit, emit_confirmed=self.outputs.emit, on_state=self._on_state)
+            emit=self.outputs.emit, emit_confirmed=self.outputs.emit, on_state=self._on_state,
+            spool=spool)
 
     def _settings(self) -> Settings:
         a = self.cfg.audio
@@ -92,10 +98,24 @@ class Daemon:
     def _new_session(self, on_event: Callable, engine: str = "cloud") -> Session:
         stt = self.cfg.stt
         base = self.local_url if engine == "local" else (self.url_override or stt.url)
+        u3 = protocol.is_u3(stt.speech_model)
+        # U3 Pro models always format and the migration guide says not to send format_turns
         url = protocol.build_url(base, stt.speech_model, self.cfg.audio.sample_rate,
-                                 stt.format_turns, stt.params)
-        return Session(url, stt.api_key, on_event=on_event, sample_rate=self.cfg.audio.sample_rate,
-                       format_turns=stt.format_turns and not protocol.is_u3(stt.speech_model))
+                                 None if u3 else stt.format_turns, stt.params)
+        if engine == "local" or not stt.token_url:
+            return Session(url, stt.api_key, on_event=on_event,
+                           sample_rate=self.cfg.audio.sample_rate,
+                           format_turns=stt.format_turns and not u3)
+        # fleet mode: the session fetches its one-use token on its own thread (never here)
+        tokens = getattr(self, "_tokens", None)
+        if tokens is None:
+            from .tokens import TokenSource
+
+            tokens = self._tokens = TokenSource(stt.token_url, stt.token_auth_file)
+        return Session(tokens.provider(url), stt.api_key, on_event=on_event,
+                       sample_rate=self.cfg.audio.sample_rate,
+                       format_turns=stt.format_turns and not u3,
+                       credential_id=tokens.credential_id)
 
     def _on_source_status(self, kind: str, message: str) -> None:
         controller = getattr(self, "controller", None)
@@ -181,7 +201,8 @@ class Daemon:
 
             try:
                 self.kiosk = KioskServer(k.listen, lambda cmd: self.controller.command(cmd, "kiosk"),
-                                         token=k.token, allowed_origins=k.allowed_origins)
+                                         token=k.token, allowed_origins=k.allowed_origins,
+                                         status=lambda: self.controller.waiting)
             except KioskError as exc:
                 raise StartupError(str(exc)) from None
             sinks.append(self.kiosk)
@@ -235,11 +256,9 @@ class Daemon:
 
     def _start_local_engine(self) -> str:
         """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
-        try:
-            from .local_engine import LocalEngine
-        except ImportError as exc:
-            raise StartupError(f'stt.url = "local" needs the offline engine: '
-                               f"pip install 'pttd[local]' ({exc})") from None
+        require_pocketsphinx('stt.url = "local"' if self.cfg.is_local else 'stt.fallback = "local"')
+        from .local_engine import LocalEngine
+
         engine = LocalEngine(phrases=list(self.cfg.local.phrases))
         engine.start()
         self._parts.append(("engine", engine.stop))
@@ -249,22 +268,22 @@ class Daemon:
         """Block until stopped; returns the exit code.
 
         Polls only until READY=1, then sleeps without a timeout: nothing else needs the main
-        thread (the watchdog has its own thread), and a signal handler still runs here because
-        the blocking ``get`` is interrupted by signals and retried after the handler.
+        thread (the watchdog has its own thread). It sleeps in ``poll()`` on the stop pipe, into
+        which SIGTERM/SIGINT write themselves whichever thread the kernel gave them to (a queue
+        or lock wait here missed those: issue 22).
         """
         ready = False
-        while True:
-            # READY once the mic delivers audio; a mic that is missing at start still gets the
-            # unit "active" (STATUS=offline: ...) so it stays up and retries instead of looping
-            if not ready and (self.source.first_audio.is_set()
-                              or getattr(self.source, "state", "") == "offline"):
-                ready = True
-                self.notifier.ready(self._status_now())
-            try:
-                self._stop.get(timeout=None if ready else 0.05)
-                return 0
-            except queue.Empty:
-                pass
+        with self._stop.watching_signals():
+            while True:
+                # READY once the mic delivers audio; a mic that is missing at start still gets
+                # the unit "active" (STATUS=offline: ...) so it stays up and retries instead of
+                # looping
+                if not ready and (self.source.first_audio.is_set()
+                                  or getattr(self.source, "state", "") == "offline"):
+                    ready = True
+                    self.notifier.ready(self._status_now())
+                if self._stop.wait(None if ready else 0.05):
+                    return 0
 
     def _status_now(self) -> str:
         from .service import status_text
@@ -296,6 +315,20 @@ class Daemon:
         self._parts.clear()
         self.outputs.close()
         self.notifier.close()
+        self._stop.close()   # run() has returned: no signal writes to it any more
+
+
+def require_pocketsphinx(what: str) -> None:
+    """StartupError (exit 2, one line) when the offline engine's pocketsphinx is not installed.
+
+    It is the ``[local]`` extra, not a default dependency (README: "The offline engine is an
+    extra", with the measurements), and ``local_engine`` only imports it when a decoder loads:
+    without this check the first session would fail deep inside the engine instead."""
+    try:
+        import pocketsphinx  # noqa: F401  (the engine loads it right after this anyway)
+    except ImportError as exc:
+        raise StartupError(f"{what} needs the offline engine, which is not installed "
+                           f"({exc}): pip install 'pttd[local]'") from None
 
 
 class _LateSink:

@@ -23,14 +23,20 @@ from .config import from_dict
 LEAD_MS, GAP_MS, PRESS_EARLY_MS, RELEASE_LATE_MS = 800, 1200, 300, 250
 
 
+NEXT_STEP = ("Next, on a Raspberry Pi with a mic and a button: sudo ./install.sh (from a pttd "
+             "checkout), then your AssemblyAI key in /etc/pttd/api-key; see the README, "
+             "\"Install on a Pi\".")
+
+
 def run_demo(jsonl: bool = False, out=None) -> int:
+    """Exit 0 with every clip's final, 1 if one got none; StartupError (exit 2) without the
+    ``[local]`` extra."""
+    from .daemon import require_pocketsphinx
+
     out = out or sys.stdout
-    try:
-        from .local_engine import LocalEngine
-    except ImportError as exc:
-        print(f"pttd: error: the offline engine needs pocketsphinx: pip install 'pttd[local]' ({exc})",
-              file=sys.stderr)
-        return 2
+    require_pocketsphinx("pttd demo")
+    from .local_engine import LocalEngine
+
     meta = json.loads(_data("demo.json").read_text())
     say = (lambda text: None) if jsonl else (lambda text: print(text, file=out, flush=True))
     say("pttd demo: WAV mic -> ring buffer -> controller -> v3 session -> offline engine "
@@ -154,4 +160,6 @@ def _summary(results, say) -> int:
         say(f"  {name:9} WER {100 * errors / max(1, words):.0f}% ({errors}/{words} words)")
     if missing:
         say(f"{missing} clip(s) produced no final")
-    return 0 if not missing else 1
+        return 1
+    say("\n" + NEXT_STEP)
+    return 0

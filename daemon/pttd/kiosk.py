@@ -2,7 +2,8 @@
 a WebSocket, for a browser that cannot talk to a Unix socket.
 
 ``GET /`` (and the page's own files) serve the packaged page from ``pttd/kiosk_page``. ``/ws`` is
-the WebSocket: a new client first gets ``{"event": "snapshot", "state": ..., "last_final": ...}``,
+the WebSocket: a new client first gets ``{"event": "snapshot", "state": ..., "last_final": ...,
+"waiting": N, "waiting_s": S}`` (presses waiting for the network, and their seconds of audio),
 then every event; it may send the control socket's requests (``{"cmd": "press"}`` ...) and gets the
 same replies. ``subscribe`` is accepted and answered ``{"ok": true}`` (every client is subscribed).
 
@@ -129,12 +130,14 @@ class KioskServer:
 
     def __init__(self, listen: str, handle: Callable[[str], dict], *, token: str = "",
                  allowed_origins: tuple[str, ...] | list[str] = (), max_clients: int = 16,
-                 client_queue: int = 64, max_connections: int = 64):
+                 client_queue: int = 64, max_connections: int = 64,
+                 status: Callable[[], dict] | None = None):
         if max_clients < 1 or client_queue < 2 or max_connections <= max_clients:
             raise ValueError("max_clients must be at least 1, client_queue at least 2 and "
                              "max_connections more than max_clients")
         self.host, self.port = parse_listen(listen)
         self._handle = handle
+        self._status = status                  # the controller's published "waiting" figures
         self._token = token
         self._allowed = {_norm_origin(o) for o in allowed_origins}
         self._max_clients = max_clients
@@ -222,9 +225,11 @@ class KioskServer:
             pass  # loop closed: we are shutting down
 
     def snapshot(self) -> dict:
+        waiting = self._status() if self._status is not None else {}
         with self._lock:
             return {"event": "snapshot", "state": self._state, "last_final": self._last_final,
-                    "ts": time.time()}
+                    "waiting": waiting.get("waiting", 0),
+                    "waiting_s": waiting.get("waiting_s", 0.0), "ts": time.time()}
 
     # --- the loop thread -----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Topics (design.md): ``pttd/<device_id>/state`` (retained, QoS 1; the broker publishes the will,
 state ``offline``, when the link dies), ``.../partial`` (QoS 0, with ``publish_partials``),
-``.../final`` (QoS 1), ``.../error`` (QoS 1); commands arrive on ``.../cmd`` as ``{"cmd": ...}``.
+``.../final`` (QoS 1), ``.../error`` (QoS 1), ``.../warning`` (QoS 1, server Warnings);
+commands arrive on ``.../cmd`` as ``{"cmd": ...}``.
 
 paho's loop thread connects, reconnects with back-off and runs the callbacks. The callbacks
 only enqueue: a command goes to ``Controller.command``, which posts to the controller queue;
@@ -273,6 +274,8 @@ class MqttBridge:
             self._publish_live("partial", event, qos=0)
         elif kind == "error":
             self._publish_live("error", event, qos=1)
+        elif kind == "warning":
+            self._publish_live("warning", event, qos=1)
 
     def _queue_final(self, event: dict) -> None:
         with self._lock:

@@ -12,7 +12,8 @@ did not think of can leave a press, its LED or its billed session hanging.
 
 A press ends exactly once, with one outcome: its last final went out (``final``), an ``error``
 event carrying its ``press_id`` said why not, nothing was said (``silent``), or the user
-cancelled it (``cancelled``).
+cancelled it (``cancelled``). A press still waiting for the network when pttd stops is left in
+the spool (``spooled``): the next run loads it, under the same id, and ends it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Outcome(str, enum.Enum):
     ERROR = "error"
     SILENT = "silent"            # no words: the server's answer was empty, or none came
     CANCELLED = "cancelled"
+    SPOOLED = "spooled"          # pttd stopped with it waiting: its file in the spool carries it
+                                 # to the next run, which ends it (it gets no event in this one)
 
 
 _P = PressPhase
@@ -81,6 +84,8 @@ class Press:
     late: bool = False                   # delivered after the network came back
     lost_samples: int = 0
     audio_ms: float = 0.0
+    pressed_wall: float | None = None    # unix time of the press ("pressed_at" of a late final)
+    spool: object = None                 # its spool.SpoolEntry once written (or loaded at start-up)
 
     @property
     def released(self) -> bool:

@@ -373,6 +373,38 @@ _IDLE = ClosePolicy("idle", True, 0.0, 0.0, "session closed for inactivity")
 CANNOT_OPEN = ClosePolicy("config", False, 0.0, 0.0,
                           "pttd cannot open a session with this configuration (check stt.url)")
 
+# 1008 on a key that has already opened a session in this process: the node SDK (#97) saw
+# sporadic ones ("Incorrect padding") that were gone on retry, so it gets one quick retry
+AUTH_RETRY_ONCE = ClosePolicy("auth_retry", True, 0.5, 2.0,
+                              "AssemblyAI refused a key that worked before (1008); "
+                              "retrying once")
+
+
+def http_refusal_policy(status: int) -> ClosePolicy:
+    """An HTTP status other than 101 at the upgrade. 401/403 and 429 are handled as their close
+    codes (1008, 3009); 5xx is the server's trouble (retry); any other 4xx means the request
+    itself is wrong (a parameter, the path): a configuration error, never retried, never taken
+    for the network being down."""
+    if status in (401, 403):
+        return _AUTH
+    if status == 429:
+        return _RATE
+    if status >= 500:
+        return ClosePolicy("server", True, 1.0, 30.0,
+                           f"the server failed the upgrade (HTTP {status}); retrying")
+    cause = {
+        400: "the server refused a query parameter: check stt.speech_model, "
+             "audio.sample_rate and stt.params",
+        404: "no v3 streaming endpoint at this path: check stt.url (it ends in /v3/ws)",
+        405: "the server refused the request method: check stt.url",
+        410: "this endpoint is gone: check stt.url",
+        426: "the server wants another protocol: check stt.url (wss://)",
+    }.get(status, "the server refused the request: check stt.url and stt.params")
+    return ClosePolicy("config", False, 0.0, 0.0,
+                       f"HTTP {status} at the upgrade: {cause}; pttd will not retry until "
+                       "the button is pressed again")
+
+
 # code -> policy; reason texts refine 3005 and 1008 (their meaning moved on 2026-02-25).
 CLOSE_POLICIES: dict[int | None, ClosePolicy] = {
     1000: _NORMAL,

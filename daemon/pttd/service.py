@@ -9,12 +9,15 @@ ourselves, and tests can point ``$NOTIFY_SOCKET`` at their own datagram socket p
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import threading
-from typing import Callable, Mapping
+import time
+from typing import Callable, Iterator, Mapping
 
 from .events import State
 
@@ -172,11 +175,16 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def install_stop_signals(callback: Callable[[int], None]) -> Callable[[], None]:
     """Route SIGTERM and SIGINT to ``callback(signum)``; returns a function restoring the old handlers.
 
     Python runs signal handlers on the main thread between bytecodes, so the callback must
-    not block: it should only enqueue a stop item for the controller. Call from the main thread.
+    not block: it should only note the request (``StopRequest.request``). And the main thread
+    must not wait for it in a lock or queue without a timeout: see ``StopRequest``. Call from the
+    main thread.
     """
     def handler(signum, _frame):
         try:
@@ -191,3 +199,92 @@ def install_stop_signals(callback: Callable[[int], None]) -> Callable[[], None]:
             signal.signal(sig, old)
 
     return restore
+
+
+class StopRequest:
+    """A stop request that the main thread, asleep in ``wait()``, cannot miss.
+
+    Why not a queue or an Event (issue 22): ``kill``/``systemctl stop`` send a process-wide
+    signal, and the kernel hands it to any thread that does not block it. When that is not the
+    main thread, CPython's C-level handler only flags it for the main thread, which runs the
+    Python handler the next time it executes bytecode: never, while it sleeps in a lock, queue
+    or Event wait without a timeout. ``pttd run`` waited so (``SimpleQueue.get()``), and on
+    Debian 13 (glibc 2.41; with Python 3.13 and 3.11 alike) about one stop in ten hung until
+    systemd's SIGKILL; blocking the signal in every other thread made it go away, which shows
+    where it went.
+
+    So the main thread sleeps in ``poll()`` on a pipe, and ``watching_signals()`` has the C-level
+    handler itself write each signal's number into that pipe (``signal.set_wakeup_fd``), on
+    whatever thread it runs: the byte of a stop signal is the request, whether or not the Python
+    handler has run yet. ``request()`` (the Python handler, or any thread) sets a flag and writes a
+    byte too: a store and a non-blocking write, both safe in a signal handler and in any thread.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._r, select.POLLIN)
+        self._signals = frozenset(int(s) for s in signals)
+        self._requested = False
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def request(self, *_args) -> None:
+        """Ask ``wait()`` to return True: from any thread, or as a signal handler."""
+        self._requested = True
+        w = self._w
+        if w >= 0:
+            try:
+                os.write(w, b"\0")
+            except OSError:  # full: wait() wakes anyway; closed: nobody waits any more
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop is requested (True) or ``timeout`` seconds pass (False).
+
+        ``None`` sleeps without a limit: nothing can be missed (see the class docstring), and
+        an idle daemon's main thread then never wakes up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._requested:
+            if self._r < 0:
+                raise RuntimeError("StopRequest.wait() after close()")
+            if deadline is None:
+                ms = None
+            else:
+                ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            if self._poll.poll(ms):
+                try:
+                    data = os.read(self._r, 512)
+                except BlockingIOError:
+                    data = b""
+                if self._signals.intersection(data):
+                    self._requested = True
+            elif deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def watching_signals(self) -> Iterator[None]:
+        """Within the block, every signal with a Python handler also writes its number into the
+        pipe (``signal.set_wakeup_fd``; restored after). Only the main thread can set it, and only
+        the main thread gets Python handlers: elsewhere this does nothing."""
+        try:
+            previous = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread (or already closed)
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+
+    def close(self) -> None:
+        """Close the pipe; later ``request()`` calls only set the flag. Idempotent."""
+        r, w = self._r, self._w
+        self._r = self._w = -1
+        for fd in (r, w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -15,13 +15,15 @@ Every session ends with exactly one :class:`SessionClosed`, after any final it s
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import select
 import ssl
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import websocket
 
@@ -59,17 +61,50 @@ class SessionClosed:
         return f"{self.policy.message} ({code}{': ' + self.reason if self.reason else ''})"
 
 
-class Session:
-    """A v3 session. Thread-safe for one owner calling the public methods."""
+class UrlError(Exception):
+    """Raised by a URL provider (fleet mode: fetching a temporary token) when it cannot give a
+    URL: ``code`` is reported as the close code, ``policy`` says what it means."""
 
-    def __init__(self, url: str, api_key: Secret, *, on_event: Callable[["Session", object], None],
+    def __init__(self, code: int | None, reason: str, policy: ClosePolicy):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.policy = policy
+
+
+# Credentials (a fingerprint, never the key) that have opened a session in this process, and
+# whether the one retry a later 1008 earns is spent (issue 24, part 5).
+_worked: dict[str, bool] = {}
+_worked_lock = threading.Lock()
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Session:
+    """A v3 session. Thread-safe for one owner calling the public methods.
+
+    ``url`` is the full connect URL, or a callable returning it, called on the receiver thread
+    right before connecting (fleet mode: it fetches a one-use temporary token, so the owner's
+    thread never waits on it); it may raise :class:`UrlError`. A ``token`` in the URL is never
+    logged or reported. ``credential_id`` names the credential for the 1008 rule (default: the
+    key's fingerprint).
+    """
+
+    def __init__(self, url: Union[str, Callable[[], str]], api_key: Secret, *,
+                 on_event: Callable[["Session", object], None],
                  sample_rate: int = 16000, format_turns: bool = True,
                  connect_timeout: float = 10.0, begin_timeout: float = 10.0,
                  send_timeout: float = 10.0,
                  format_grace_s: float = 1.5, error_close_grace_s: float = 2.0,
-                 on_sent: Callable[[int, int], None] | None = None, name: str = "session"):
-        self.url = url
+                 on_sent: Callable[[int, int], None] | None = None, name: str = "session",
+                 credential_id: str | None = None):
+        self._url_source = url
+        self.url = url if isinstance(url, str) else "(a temporary-token URL)"
+        self._secrets: list[str] = []
         self._key = api_key
+        self._credential = credential_id or ("key:" + _fingerprint(api_key.reveal()))
         self._on_event = on_event
         self.sample_rate = sample_rate
         self._connect_timeout = connect_timeout
@@ -306,19 +341,39 @@ class Session:
                 self._out_cond.notify_all()
             self._close_socket()
 
+    def _resolve_url(self) -> str:
+        if isinstance(self._url_source, str):
+            return self._url_source
+        try:
+            url = self._url_source()
+        except UrlError as exc:
+            raise _Refused(exc.code, self._scrub(exc.reason), policy=exc.policy) from None
+        except Exception as exc:  # noqa: BLE001 - a provider bug is one refused session
+            raise _Refused(None, self._scrub(f"cannot get a URL: {type(exc).__name__}: {exc}"),
+                           policy=protocol.CANNOT_OPEN) from None
+        for name, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query):
+            if name == "token" and value:
+                self._secrets.append(value)
+        return url
+
     def _open(self) -> websocket.WebSocket:
-        headers = [f"Authorization: {self._key.reveal()}",
-                   f"AssemblyAI-Version: {protocol.API_VERSION}",
+        url = self._resolve_url()
+        headers = [f"AssemblyAI-Version: {protocol.API_VERSION}",
                    f"User-Agent: {protocol.USER_AGENT}"]
+        if self._key.reveal():  # fleet mode has no key: the token is in the URL
+            headers.insert(0, f"Authorization: {self._key.reveal()}")
         try:
             ws = websocket.create_connection(
-                self.url, header=headers, timeout=self._connect_timeout, enable_multithread=True,
+                url, header=headers, timeout=self._connect_timeout, enable_multithread=True,
                 sslopt={"cert_reqs": ssl.CERT_REQUIRED},
                 # websocket-client checks UTF-8 in pure Python (~0.2 ms per 1 KB Turn here, on
                 # the Turn -> final path); parse_message decodes strictly in C instead
                 skip_utf8_validation=True)
         except websocket.WebSocketBadStatusException as exc:
-            raise _Refused(_http_code(exc.status_code), f"HTTP {exc.status_code} at upgrade") from None
+            status = exc.status_code
+            code = _http_code(status)
+            raise _Refused(status if code is None else code, f"HTTP {status} at upgrade",
+                           policy=protocol.http_refusal_policy(status)) from None
         except (OSError, websocket.WebSocketException) as exc:  # refused, unreachable, TLS
             raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}")) from None
         except Exception as exc:  # noqa: BLE001 - a URL or option websocket-client cannot use
@@ -381,6 +436,8 @@ class Session:
                 return
             self.begin = msg
             self._begun.set()
+            with _worked_lock:
+                _worked[self._credential] = False  # works; a later 1008 earns one retry
             self._sender.start()
             self._emit(msg)
         elif isinstance(msg, Turn):
@@ -409,8 +466,12 @@ class Session:
     def _on_close_frame(self, data: bytes) -> None:
         code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
         reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
-        if self._error is not None and (code is None or code == self._error.code or code == 1000):
-            code, reason = self._error.code, self._error.message
+        if self._error is not None:
+            # the Error frame says what went wrong; the close reason is at most 123 bytes and
+            # often "See Error message for details" (research §3.5): the Error frame wins
+            if self._error.code is not None:
+                code = self._error.code
+            reason = self._error.message or reason
         self._report_closed(code, reason, before_begin=not self._begun.is_set())
 
     # --- reporting ------------------------------------------------------------------------------
@@ -433,13 +494,15 @@ class Session:
             if not local:
                 self._emit_finals(self._assembler.flush())
             if policy is not None:
-                pass  # the caller knows better than the code (there is none)
+                # the caller knows better than the code (an HTTP refusal, a token broker's
+                # answer): a 401/403 at the upgrade is definite, not a sporadic 1008
+                pass
             elif local:
                 policy = protocol.policy_for(1000)
             elif code == 1000 or (code is None and self._last_termination is not None):
                 policy = protocol.policy_for(1000)
             else:
-                policy = protocol.policy_for(code, reason)
+                policy = self._auth_retry(code, protocol.policy_for(code, reason))
             self._closed = SessionClosed(code=code, reason=self._scrub(reason), policy=policy,
                                          before_begin=before_begin,
                                          terminated=self._last_termination is not None,
@@ -468,9 +531,26 @@ class Session:
             except Exception:  # closing a dead socket can raise anything websocket-client likes
                 pass
 
+    def _auth_retry(self, code: int | None, policy: ClosePolicy) -> ClosePolicy:
+        """A 1008 on a credential that has already opened a session in this process gets one
+        quick retry (sporadic 1008s are known); a 1008 on one never seen working, or a second
+        1008 in a row, is the usual lock-out."""
+        if policy.kind != "auth" or code != 1008:
+            return policy
+        with _worked_lock:
+            if _worked.get(self._credential) is False:
+                _worked[self._credential] = True  # the retry is spent until a Begin
+                log.info("%s: 1008 on a credential that worked before: one retry", self.name)
+                return protocol.AUTH_RETRY_ONCE
+        return policy
+
     def _scrub(self, text: str) -> str:
         key = self._key.reveal()
-        return text.replace(key, "***") if key else text
+        if key:
+            text = text.replace(key, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 class _Refused(Exception):

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 import urllib.parse
@@ -38,10 +39,23 @@ from websockets.http11 import Request, Response
 
 log = logging.getLogger(__name__)
 
-# Facts of the API itself (not of pttd's client), kept in one place.
-from .protocol import API_VERSION, MAX_FRAME_MS, MIN_FRAME_MS, U3_MODELS  # noqa: E402
+# Facts of the API itself, from AssemblyAI's specs and docs (research §1-§5), kept here on the
+# server's side: nothing is imported from pttd's client, so a client bug cannot become a fake
+# server that agrees with it.
+#: The version the SDK pins and the server echoes in Begin (§1.2).
+API_VERSION = "2025-05-12"
+#: "audio data between 50ms and 1000ms in length" (usm-streaming.yml, sendAudio).
+MIN_FRAME_MS = 50
+MAX_FRAME_MS = 1000
+#: The Universal-3 Pro family (§1.4 "Models"): U3 shaping, SpeechStarted, format_turns ignored.
+U3_MODELS = frozenset({"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro",
+                       "universal-3-6-pro"})
 
 DEFAULT_PATH = "/v3/ws"
+#: Temporary tokens (streaming-token.yml): GET with the API key, one session per token.
+TOKEN_PATH = "/v3/token"
+TOKEN_EXPIRES_RANGE = (1, 600)
+TOKEN_MAX_SESSION_RANGE = (60, 10800)
 #: Newest docs: a connection with only auth gets this model (§8 "Default speech_model history").
 DEFAULT_SPEECH_MODEL = "universal-3-5-pro"
 MAX_CLOSE_REASON_BYTES = 123
@@ -77,6 +91,10 @@ class ServerOptions:
 
     #: Accepted API keys (``Authorization`` header). Empty = accept any non-empty credential.
     api_keys: frozenset[str] = frozenset()
+    #: Take ``True``/``False`` for booleans in the query as well (what AssemblyAI's Python SDK
+    #: sends; reported to work on the real service, §1.4). Off: strict JSON spelling only. On
+    #: only for bench/compare_sdk.py, which runs the SDK against this server.
+    python_booleans: bool = False
     #: False = accept every connection, even with no or an empty credential (loopback local engine).
     require_auth: bool = True
     #: Temporary tokens, accepted in ``?token=`` or in the header (as the SDK sends them).
@@ -92,7 +110,8 @@ class ServerOptions:
     max_lead_s: float = 3.0
     #: Pre-2026-02-25 codes: 3005 instead of 3006/3007/3008, 1008 instead of 3009 (§5.1).
     legacy_codes: bool = False
-    #: New sessions allowed per ``limiter_window_s`` (0 = unlimited) before Error 3009.
+    #: New sessions allowed per ``limiter_window_s`` (0 = unlimited) before Error 3009. The real
+    #: service: 5 per minute on a free account, 100+ paid (§6). Off by default here.
     sessions_per_minute: int = 0
     limiter_window_s: float = 60.0
     #: Prefix for 3007 texts, e.g. :data:`INPUT_DURATION_ERROR_PREFIX`.
@@ -118,6 +137,11 @@ class ServerOptions:
     close_timeout_s: float = 5.0
     ping_interval_s: float | None = 20.0
     max_message_bytes: int = 1 << 24
+    #: ``GET /v3/token`` mints one-use temporary tokens (§1.3) when on.
+    token_endpoint: bool = True
+    #: Lower bound of ``max_session_duration_seconds`` (real: 60). Tests may lower it, which
+    #: only makes the server stricter (shorter sessions), never kinder.
+    token_min_session_s: float = TOKEN_MAX_SESSION_RANGE[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", frozenset(self.api_keys))
@@ -161,6 +185,9 @@ class Faults:
     #: (seconds, texts): the same, that long after Begin, whatever the client is doing (a Turn
     #: that arrives while a kept-warm session is idle, say).
     raw_after_s: tuple[float, tuple[str, ...]] | None = None
+    #: After an Error frame, close with this (code, reason) instead of the Error's own: a close
+    #: that disagrees with the Error frame before it (the Error frame is the one to believe).
+    mismatched_close: tuple[int, str] | None = None
     #: Send ``Warning{warning_code, warning}`` after this many audio frames.
     warning_after_frames: int | None = None
     warning_code: int = 1234
@@ -310,13 +337,26 @@ OBJECT_PARAMS = frozenset({"llm_gateway"})
 
 
 def parse_bool(value: str) -> bool:
-    """Booleans arrive as ``true``/``false`` or Python's ``True``/``False`` (§1.4)."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1"):
+    """Strict: JSON's lowercase ``true``/``false`` only. (The SDK's ``True`` is reported to work
+    on the real service (§1.4); this server is stricter on purpose, never kinder: a client that
+    passes here sends what every reader of the docs accepts.)"""
+    if value == "true":
         return True
-    if lowered in ("false", "0"):
+    if value == "false":
         return False
-    raise QueryError(f"not a boolean: {value!r}")
+    raise QueryError(f"not a boolean (true or false): {value!r}")
+
+
+def _strict_int(value: str | None) -> int | None:
+    """A decimal integer as the token endpoint takes it ("60"; not "60.0", "1e2" or "")."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 9:
+        return None
+    return int(value)
+
+
+_HTTP_ERRORS = {400: "Bad request", 401: "Invalid API key", 403: "Forbidden",
+                404: "Not found", 429: "Too many requests", 500: "Internal server error",
+                502: "Bad gateway", 503: "Service unavailable"}
 
 
 def _parse_number(value: str, integral: bool) -> int | float:
@@ -334,15 +374,14 @@ def _parse_number(value: str, integral: bool) -> int | float:
 
 
 def _parse_list(value: str) -> list:
-    """Lists are JSON arrays (the SDK form); a bare comma list is accepted leniently."""
+    """Lists are JSON arrays (the SDK form, §1.4) and nothing else: a bare comma list or a lone
+    string is refused (whether the real service reads those is unverified)."""
     try:
         parsed = json.loads(value)
     except ValueError:
-        return [item.strip() for item in value.split(",") if item.strip()]
-    if isinstance(parsed, str):
-        return [parsed]
+        raise QueryError(f"not a JSON array: {value!r}") from None
     if not isinstance(parsed, list):
-        raise QueryError(f"not a list: {value!r}")
+        raise QueryError(f"not a JSON array: {value!r}")
     return parsed
 
 
@@ -356,10 +395,13 @@ def _parse_object(value: str) -> dict:
     return parsed
 
 
-def parse_query(query: str) -> dict[str, Any]:
-    """Parse a v3 query string into typed values; the last occurrence of a key wins."""
+def parse_query(query: str, python_booleans: bool = False) -> dict[str, Any]:
+    """Parse a v3 query string into typed values; the last occurrence of a key wins.
+    ``python_booleans``: also take ``True``/``False`` (ServerOptions.python_booleans)."""
     parsed: dict[str, Any] = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if python_booleans and name in BOOL_PARAMS and value in ("True", "False"):
+            value = value.lower()
         try:
             parsed[name] = _parse_value(name, value)
         except QueryError as exc:
@@ -716,7 +758,8 @@ class Sent:
 class ConnectionRecord:
     """Everything observable about one connection attempt. Safe to read from any thread."""
 
-    def __init__(self, index: int, path: str, headers: Headers, faults: Faults) -> None:
+    def __init__(self, index: int, path: str, headers: Headers, faults: Faults,
+                 python_booleans: bool = False) -> None:
         """Headers are kept raw and lower-cased; the query is parsed even for rejected attempts."""
         self.index = index
         self.started = time.monotonic()
@@ -729,11 +772,13 @@ class ConnectionRecord:
         self.query: dict[str, Any] = {}
         self.query_error: str | None = None
         try:
-            self.query = parse_query(split.query)
+            self.query = parse_query(split.query, python_booleans)
         except QueryError as exc:
             self.query_error = str(exc)
         self.faults = faults
         self.http_status: int | None = None
+        #: A minted temporary token opened this session: its max_session_duration_seconds.
+        self.token_max_session_s: float | None = None
         self.session_id: str | None = None
         self.begin: dict | None = None
         self.config: SessionConfig | None = None
@@ -835,6 +880,8 @@ class _Session:
         self.record = record
         self.faults = record.faults
         self.session_id = str(uuid.uuid4())
+        #: The session's lifetime: the server's, or a temporary token's smaller cap (§1.3).
+        self.expires_in_s = self.options.expires_in_s
         self.config: SessionConfig | None = None
         self.recognizer: Recognizer | None = None
         self.shaper: TurnShaper | None = None
@@ -872,6 +919,8 @@ class _Session:
         if not self.server._authorize(self.record):
             await self._fail(1008, AUTH_ERROR)
             return False
+        if self.record.token_max_session_s:  # a temporary token caps its session (§1.3)
+            self.expires_in_s = min(self.expires_in_s, self.record.token_max_session_s)
         try:
             if self.record.query_error:
                 raise QueryError(self.record.query_error)
@@ -942,7 +991,7 @@ class _Session:
     def _begin_message(self) -> dict:
         assert self.config is not None
         query = self.record.query
-        expires_at = int(time.time() + self.options.expires_in_s)
+        expires_at = int(time.time() + self.expires_in_s)
         mode = query.get("mode", "balanced") if self.config.is_u3 else None
         return {
             "type": "Begin",
@@ -1175,6 +1224,8 @@ class _Session:
             await self._send_now({"type": "Error", "error_code": code, "error": text})
         except ConnectionClosed:
             return
+        if self.faults.mismatched_close is not None:
+            code, text = self.faults.mismatched_close
         self._close_task = asyncio.create_task(self._close_now(code, close_reason(text)))
 
     async def _go_silent(self) -> None:
@@ -1205,7 +1256,7 @@ class _Session:
     # --- timers ----------------------------------------------------------------------------------
 
     async def _expiry(self) -> None:
-        remaining = self.record.started + self.options.expires_in_s - time.monotonic()
+        remaining = self.record.started + self.expires_in_s - time.monotonic()
         await asyncio.sleep(max(0.0, remaining))
         await self._fail(3008, EXPIRED_ERROR)
 
@@ -1274,6 +1325,10 @@ class V3Server:
         self._records: list[ConnectionRecord] = []
         self._admitted: collections.deque[float] = collections.deque()
         self._used_tokens: set[str] = set()
+        self._minted: dict[str, tuple[float, float]] = {}   # live token -> (deadline, max s)
+        self._ever_minted: set[str] = set()
+        #: ``GET /v3/token`` requests: (status, response body), oldest first.
+        self.token_requests: list[tuple[int, dict]] = []
         self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         if isinstance(faults, Faults):
@@ -1336,6 +1391,11 @@ class V3Server:
     def url(self) -> str:
         return f"ws://{self.options.host}:{self.port}{self.options.path}"
 
+    @property
+    def token_url(self) -> str:
+        """Where temporary tokens are minted (the streaming host's ``/v3/token``)."""
+        return f"http://{self.options.host}:{self.port}{TOKEN_PATH}"
+
     async def start(self) -> None:
         self._server = await serve(
             self._handle, self.options.host, self.options.port,
@@ -1359,17 +1419,32 @@ class V3Server:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Count the attempt, pick its faults, and reject at the HTTP level when asked."""
+        split = urllib.parse.urlsplit(request.path)
+        if self.options.token_endpoint and split.path == TOKEN_PATH:
+            status, body = self._mint(request.headers.get("Authorization", ""), split.query)
+            with self._changed:
+                self.token_requests.append((status, body))
+                self._changed.notify_all()
+            response = connection.respond(status, json.dumps(body))
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            response.headers["Cache-Control"] = "no-store"
+            return response
         with self._changed:
             faults = self._queued_faults.popleft() if self._queued_faults else self._default_faults
-            record = ConnectionRecord(len(self._records), request.path, request.headers, faults)
+            record = ConnectionRecord(len(self._records), request.path, request.headers, faults,
+                                      self.options.python_booleans)
             self._records.append(record)
             self._changed.notify_all()
         status = self._http_status(record)
         if status is not None:
             record.http_status = status
             record.done.set()
-            body = json.dumps({"error": "Unauthorized" if status == 401 else "Rejected"})
-            return connection.respond(status, body)
+            body = json.dumps({"error": _HTTP_ERRORS.get(status, "Request rejected")})
+            response = connection.respond(status, body)
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            return response
         self._pending[connection] = record
         return None
 
@@ -1384,6 +1459,54 @@ class V3Server:
         record = self._pending.pop(ws)
         await _Session(self, ws, record).run()
 
+    # --- temporary tokens (§1.3, streaming-token.yml) -----------------------------------------
+
+    def _key_ok(self, header: str) -> bool:
+        """An API key in ``Authorization`` (raw, no Bearer); a temporary token is not a key."""
+        header = header.strip()
+        if not header or header.lower().startswith("bearer ") or header in self._ever_minted:
+            return False
+        return header in self.options.api_keys if self.options.api_keys else True
+
+    def _mint(self, authorization: str, query: str) -> tuple[int, dict]:
+        """``GET /v3/token?expires_in_seconds=N[&max_session_duration_seconds=M]``."""
+        with self._lock:
+            if not self._key_ok(authorization):
+                return 401, {"error": "Invalid API key"}
+        params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+        low, high = TOKEN_EXPIRES_RANGE
+        expires = _strict_int(params.get("expires_in_seconds"))
+        if expires is None or not low <= expires <= high:
+            return 400, {"error": f"expires_in_seconds must be an integer between {low} and "
+                                  f"{high}", "code": "invalid_parameter"}
+        max_session: float = TOKEN_MAX_SESSION_RANGE[1]
+        if "max_session_duration_seconds" in params:
+            low_s, high_s = self.options.token_min_session_s, TOKEN_MAX_SESSION_RANGE[1]
+            value = _strict_int(params["max_session_duration_seconds"])
+            if value is None or not low_s <= value <= high_s:
+                return 400, {"error": "max_session_duration_seconds must be an integer between "
+                                      f"{_fmt_number(low_s)} and {high_s}",
+                             "code": "invalid_parameter"}
+            max_session = value
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._minted[token] = (time.monotonic() + expires, float(max_session))
+            self._ever_minted.add(token)
+        return 200, {"token": token, "expires_in_seconds": expires}
+
+    def _take_minted(self, token: str, record: ConnectionRecord) -> bool:
+        """One session per token, opened before it expires; the session inherits its cap."""
+        entry = self._minted.pop(token, None)  # used (or tried) once: gone
+        if entry is None or time.monotonic() > entry[0]:
+            return False
+        record.token_max_session_s = entry[1]
+        return True
+
+    @property
+    def minted_tokens(self) -> int:
+        with self._lock:
+            return len(self._ever_minted)
+
     def _authorize(self, record: ConnectionRecord) -> bool:
         """``Authorization: <key or token>`` (no Bearer) or ``?token=`` (§1.2)."""
         header = record.headers.get("authorization", "").strip()
@@ -1392,6 +1515,9 @@ class V3Server:
         if not self.options.require_auth:
             return True
         with self._lock:
+            for credential in (token, header):
+                if credential and credential in self._ever_minted:
+                    return self._take_minted(credential, record)
             if not keys and not tokens:
                 return bool(header or token) and not header.lower().startswith("bearer ")
             if header in keys:
@@ -1497,6 +1623,19 @@ class ServerThread:
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def token_url(self) -> str:
+        return self.server.token_url
+
+    @property
+    def token_requests(self) -> list[tuple[int, dict]]:
+        with self.server._lock:
+            return list(self.server.token_requests)
+
+    @property
+    def minted_tokens(self) -> int:
+        return self.server.minted_tokens
 
     @property
     def connections(self) -> list[ConnectionRecord]:
