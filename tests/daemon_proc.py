@@ -241,4 +241,14 @@ def daemon_factory(tmp_path):
         d.kill()
 
 
+@pytest.fixture
+def daemons():
+    """A list to append ``DaemonProcess``es to (built by the test itself); each is killed at
+    teardown."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
 E2E_KEY = "e2e-key-0123456789"

@@ -72,14 +72,6 @@ def _press(d: DaemonProcess, press_ms: int, release_ms: int) -> None:
     assert d.command("release")["ok"]
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
 @pytest.mark.parametrize("status", [400, 404])
 def test_400_and_404_end_the_press_with_an_error_no_retry_no_fallback(fake_v3, daemons, tmp_path,
                                                                       status):

@@ -61,14 +61,6 @@ def start(tmp_path, url: str, *, rate: int = 16000, extra: str = "", audio_extra
     return d
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
 def test_a_rate_whose_50_ms_is_not_whole_samples_streams_and_ends(fake_v3, daemons, tmp_path):
     """22050 Hz: 50 ms is 1102.5 samples. Frames were 1102 (49.98 ms), refused by the session's
     own check, and the press sat in finalizing for good."""

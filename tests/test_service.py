@@ -158,20 +158,24 @@ def test_install_stop_signals_calls_back_and_restores():
 
 
 CHILD = textwrap.dedent("""
-    import queue, sys
-    from pttd.service import Notifier, install_stop_signals
-    stops = queue.Queue(maxsize=1)
+    import sys
+    from pttd.service import Notifier, StopRequest, install_stop_signals
+    stop = StopRequest()
     notifier = Notifier()
-    install_stop_signals(lambda signum: stops.put_nowait(signum))
-    notifier.ready("idle")
-    signum = stops.get(timeout=30)
+    install_stop_signals(stop.request)
+    with stop.watching_signals():
+        notifier.ready("idle")
+        if not stop.wait(30):
+            sys.exit(3)
     notifier.stopping()
+    stop.close()
     sys.exit(0)
 """)
 
 
 def test_sigterm_in_a_real_process_gives_stopping(notify_socket):
-    """The pattern the daemon follows: READY=1, then SIGTERM → stop item → STOPPING=1, exit 0."""
+    """The pattern the daemon follows: READY=1, then SIGTERM wakes StopRequest.wait → STOPPING=1,
+    exit 0."""
     path, sock = notify_socket
     env = dict(os.environ, NOTIFY_SOCKET=path)
     proc = subprocess.Popen([sys.executable, "-c", CHILD], env=env)

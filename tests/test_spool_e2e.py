@@ -81,6 +81,17 @@ def offline_presses(s: Setup) -> tuple[DaemonProcess, list[float]]:
     return d, pressed
 
 
+def delivered_again(s: Setup, fake_v3, pressed) -> float:
+    """Run 2 with the server back delivers the spooled presses (``check_delivered``); returns
+    start-up -> first final."""
+    d2, srv, first_s = deliver(s, fake_v3)
+    try:
+        check_delivered(s, d2, srv, pressed)
+    finally:
+        d2.kill()
+    return first_s
+
+
 def deliver(s: Setup, fake_v3, ids=(1, 2, 3)) -> tuple[DaemonProcess, object, float]:
     """Run 2: the server is back. Returns the daemon, the server, and start-up -> first final."""
     srv = fake_v3(script=["hello world"], api_keys={E2E_KEY})
@@ -146,12 +157,8 @@ def test_sigterm_then_restart_delivers_three_late_finals_in_order(tmp_path, fake
     seconds = sum((f.stat().st_size - 44) / 2 / RATE for f in files)
     print(f"\nspool: {sum(f.stat().st_size for f in files)} bytes for {seconds:.2f} s of audio "
           f"= {sum(f.stat().st_size for f in files) / seconds:.0f} bytes per spooled second")
-    d2, srv, first_s = deliver(s, fake_v3)
-    try:
-        print(f"spool: start-up (exec of pttd run) -> first spooled final {first_s * 1000:.0f} ms")
-        check_delivered(s, d2, srv, pressed)
-    finally:
-        d2.kill()
+    first_s = delivered_again(s, fake_v3, pressed)
+    print(f"spool: start-up (exec of pttd run) -> first spooled final {first_s * 1000:.0f} ms")
 
 
 def test_sigkill_then_restart_delivers_them_all_once(tmp_path, fake_v3):
@@ -165,11 +172,7 @@ def test_sigkill_then_restart_delivers_them_all_once(tmp_path, fake_v3):
     finally:
         d.kill()
     check_files(s, 3)
-    d2, srv, _ = deliver(s, fake_v3)
-    try:
-        check_delivered(s, d2, srv, pressed)
-    finally:
-        d2.kill()
+    delivered_again(s, fake_v3, pressed)
 
 
 def test_a_truncated_file_is_ignored_and_removed_the_others_delivered(tmp_path, fake_v3):

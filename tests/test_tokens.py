@@ -206,6 +206,19 @@ class BrokerProcess:
         self.proc.wait(10)
 
 
+def device_daemon(device: Path, server_url: str, token_url: str, secret: str):
+    """A device's ``pttd run`` in ``device``: no key anywhere, ``token_url`` and its secret file;
+    returns (its config file, the started DaemonProcess)."""
+    wav = device / "mic.wav"
+    speech_wav(wav, layout=LAYOUT)
+    auth = device / "secret"
+    auth.write_text(secret)
+    sock = device / "ctl.sock"
+    cfg = write_config(device / "pttd.toml", url=server_url, wav=wav, socket=sock,
+                       extra=f'token_url = "{token_url}"\ntoken_auth_file = "{auth}"')
+    return cfg, DaemonProcess(cfg, sock, env={"ASSEMBLYAI_API_KEY": ""})
+
+
 def test_device_with_token_url_gets_its_final_with_no_key_anywhere(fake_v3, tmp_path):
     srv = fake_v3(script=["hello world"], api_keys={KEY})
     env = {k: v for k, v in os.environ.items()
@@ -215,14 +228,7 @@ def test_device_with_token_url_gets_its_final_with_no_key_anywhere(fake_v3, tmp_
     broker = BrokerProcess(broker_cfg, devices_file(tmp_path), env)
     device = tmp_path / "device"
     device.mkdir()
-    wav = device / "mic.wav"
-    speech_wav(wav, layout=LAYOUT)
-    auth = device / "secret"
-    auth.write_text(SECRET + "\n")
-    sock = device / "ctl.sock"
-    cfg = write_config(device / "pttd.toml", url=srv.url, wav=wav, socket=sock,
-                       extra=f'token_url = "{broker.url}"\ntoken_auth_file = "{auth}"')
-    d = DaemonProcess(cfg, sock, env={"ASSEMBLYAI_API_KEY": ""})
+    cfg, d = device_daemon(device, srv.url, broker.url, SECRET + "\n")
     try:
         d.wait_ready(timeout=30)
         for press_id, (at, until) in enumerate(((1500, 4200), (5500, 8200)), 1):
@@ -252,14 +258,7 @@ def test_unknown_device_secret_is_an_error_and_state_error(fake_v3, tmp_path):
     srv = fake_v3(script=["hello world"], api_keys={KEY})
     b = TokenBroker(Secret(KEY), srv.token_url, read_devices(str(devices_file(tmp_path)))).start()
     try:
-        wav = tmp_path / "mic.wav"
-        speech_wav(wav, layout=LAYOUT)
-        auth = tmp_path / "secret"
-        auth.write_text("stolen-or-revoked-secret-000")
-        sock = tmp_path / "ctl.sock"
-        cfg = write_config(tmp_path / "pttd.toml", url=srv.url, wav=wav, socket=sock,
-                           extra=f'token_url = "{b.url}"\ntoken_auth_file = "{auth}"')
-        d = DaemonProcess(cfg, sock, env={"ASSEMBLYAI_API_KEY": ""})
+        _, d = device_daemon(tmp_path, srv.url, b.url, "stolen-or-revoked-secret-000")
         try:
             d.wait_ready(timeout=30)
             d.wait_audio_ms(1500, timeout=30)

@@ -118,9 +118,12 @@ def check_server(cfg: Config, report: Report) -> None:
     engine = None
     url = cfg.stt.url
     if cfg.is_local:
+        from .daemon import StartupError, require_pocketsphinx
+        from .local_engine import LocalEngine
+
         try:
-            from .local_engine import LocalEngine
-        except ImportError as exc:
+            require_pocketsphinx('url = "local"')  # local_engine imports it only when it decodes
+        except StartupError as exc:
             report.line("FAIL", "server", f"offline engine unavailable: {exc}",
                         "pip install 'pttd[local]'")
             return
