@@ -268,6 +268,9 @@ class Spool:
         except OSError as exc:
             error = f"{exc.strerror or exc}"
             log.error("spool: cannot write %s: %s", self.dir / entry.name, error)
+        except Exception as exc:  # noqa: BLE001 - a bug here is reported like a full disk,
+            error = f"{type(exc).__name__}: {exc}"  # never a spool thread that died unheard
+            log.exception("spool: cannot write %s", self.dir / entry.name)
         entry.blob = None  # the bytes are on disk (or never will be): free them
         try:
             done(entry, error)
