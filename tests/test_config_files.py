@@ -20,11 +20,14 @@ KEY = "sk_files_0123456789abcdef"
 CLI_TIMEOUT = 30
 
 
-def pttd(*args: str, env: dict | None = None, as_nobody: bool = False) -> subprocess.CompletedProcess:
+def pttd(*args: str, env: dict | None = None, obey_modes: bool = False) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "pttd.cli", *args]
-    if as_nobody:  # root reads every file: drop to an ordinary user to meet "permission denied"
-        argv = [shutil.which("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                *argv]
+    if obey_modes:
+        # root reads every file: drop the two capabilities that let it, so a file's mode bits
+        # apply. Still uid 0, so the checkout and its venv stay readable wherever they are
+        # (as user nobody, a clone in a 0700 temp folder could not even import pttd)
+        argv = [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search",
+                "--inh-caps=-dac_override,-dac_read_search", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT,
                           env=dict(os.environ, **(env or {})), cwd="/")
 
@@ -89,11 +92,10 @@ def test_unreadable_config_via_environment(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="needs setpriv as root")
 def test_config_without_read_permission_exits_2(tmp_path):
-    tmp_path.chmod(0o755)  # nobody may reach the file, not read it
     path = tmp_path / "secret.toml"
     path.write_text('[stt]\nurl = "local"\n')
-    path.chmod(0o600)
-    result = pttd("run", "-c", str(path), as_nobody=os.geteuid() == 0)
+    path.chmod(0o000)  # not even its owner may read it
+    result = pttd("run", "-c", str(path), obey_modes=os.geteuid() == 0)
     assert_exit_2_naming(result, f"config file {path}: permission denied")
 
 
