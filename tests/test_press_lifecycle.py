@@ -51,7 +51,8 @@ class FakeClock:
 class World:
     """The controller's surroundings: what it asked for, and the faults to inject next."""
 
-    def __init__(self):
+    def __init__(self, clock=None):
+        self.clock = clock
         self.sessions: list[FakeSession] = []
         self.streamers: list[FakeStreamer] = []
         self.break_next: set[str] = set()   # "factory" | "start" | "streamer"
@@ -70,6 +71,7 @@ class FakeSession:
         self.world = world
         self.engine = engine
         self.index = len(world.sessions)
+        self.created_at = world.clock.now if world.clock is not None else 0.0
         self.id = f"session-{self.index}"
         self.name = self.id
         self.begin: Begin | None = None
@@ -151,9 +153,10 @@ class Harness:
 
     def __init__(self, *, keep_warm_s: float = 0.0, fallback: bool = False,
                  failing_sink: bool = False, button_mode: str = "hold", seed: int = 0,
-                 spool_dir=None, max_bytes: int = 64 << 20, max_age_s: float = 86400.0):
-        self.world = World()
+                 spool_dir=None, max_bytes: int = 64 << 20, max_age_s: float = 86400.0,
+                 sessions_per_minute: int = 0):
         self.clock = FakeClock()
+        self.world = World(self.clock)
         self.ring = RingBuffer(RATE * 60, RATE)
         self.events: list[dict] = []
         self.presses: dict[int, Press] = {}
@@ -163,7 +166,8 @@ class Harness:
             sinks.insert(0, FailingSink())
         self.outputs = Outputs(sinks, threaded=False)
         settings_ = Settings(keep_warm_s=keep_warm_s, fallback=fallback, button_mode=button_mode,
-                             max_connect_attempts=3)
+                             max_connect_attempts=3, sessions_per_minute=sessions_per_minute)
+        self.sessions_per_minute = sessions_per_minute
         # a real spool on real files; its I/O done at once (the controller still hears of each
         # write through its queue, as from the spool thread)
         self.spool = None if spool_dir is None else Spool(
@@ -309,6 +313,14 @@ class Harness:
             assert s.done, f"{s.id} left open"
         for st_ in self.world.streamers:
             assert st_.stopped or st_.reported or not st_.started, "a streamer left running"
+        if self.sessions_per_minute:  # the account's budget: never more admitted in a minute
+            admitted = sorted(s.created_at for s in self.world.sessions
+                              if s.engine == "cloud" and s.begin is not None)
+            for i, t in enumerate(admitted):
+                in_window = [u for u in admitted[:i + 1] if t - u < 60.0]
+                assert len(in_window) <= self.sessions_per_minute, \
+                    f"{len(in_window)} sessions admitted within a minute (limit " \
+                    f"{self.sessions_per_minute}) at t={t - 1000.0:g}"
         if not stopped:
             expect = {State.IDLE}
             if c._mic_offline or c._net_down:
@@ -457,14 +469,16 @@ def run_action(h: Harness, action: tuple) -> None:
 @given(steps=st.lists(actions, min_size=8, max_size=80), keep_warm=st.booleans(), fallback=st.booleans(),
        failing_sink=st.booleans(), toggle_button=st.booleans(), stop_at_end=st.booleans(),
        spool=st.sampled_from([None, 64 << 20, 64_000]),  # 64 kB: ~2 s of audio: drops
+       budget=st.sampled_from([0, 0, 2, 5]),  # [stt] sessions_per_minute (0: learned)
        restart_steps=st.lists(st.one_of(st.just(("begin", 0)), st.just(("answer", "late words")),
                                         actions), max_size=24))
 def test_every_press_ends_in_exactly_one_final_or_error(steps, keep_warm, fallback, failing_sink,
                                                          toggle_button, stop_at_end, spool,
-                                                         restart_steps):
+                                                         budget, restart_steps):
     with tempfile.TemporaryDirectory() as spool_dir, only_critical_logs():
         kw = dict(keep_warm_s=30.0 if keep_warm else 0.0, fallback=fallback,
-                  failing_sink=failing_sink, button_mode="toggle" if toggle_button else "hold")
+                  failing_sink=failing_sink, button_mode="toggle" if toggle_button else "hold",
+                  sessions_per_minute=budget)
         if spool is not None:
             kw.update(spool_dir=spool_dir, max_bytes=spool)
         h = Harness(**kw)

@@ -445,3 +445,23 @@ def test_update_configuration_is_sent_schema_valid(fake_v3):
                        "keyterms_prompt": ["pttd"]}
     for m in msgs:
         validate_client_message(m)
+
+
+def test_a_quiet_session_outlives_the_servers_pings(fake_v3):
+    """A server ping used to leave the receiver blocked for the next data frame with the send
+    timeout: a session kept warm (or a long silent press) died ``send_timeout`` after a ping
+    with "Connection timed out". It must stay open, and still work, however long it is quiet."""
+    srv = fake_v3(api_keys={KEY}, script=["still here"], ping_interval_s=0.7)
+    rec = Recorder()
+    s = open_session(srv, rec, send_timeout=0.5)
+    s.start()
+    rec.drain(lambda e: isinstance(e, protocol.Begin))
+    # quiet for 3 s: four pings, each of which would have ended it 0.5 s later
+    with pytest.raises(AssertionError):
+        rec.drain(lambda e: isinstance(e, SessionClosed), timeout=3.0)
+    assert s.is_open
+    paced_send(s, frames(speech(800), quiet(200)))
+    assert s.force_endpoint_now()
+    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    assert finals_of(events)[0].turn.transcript == "Still here."
+    s.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import events, protocol
+from .budget import SessionBudget
 from .events import State
 from .mailbox import Mailbox
 from .press import Outcome, Press, PressPhase
@@ -100,6 +101,10 @@ class Settings:
     preroll_ms: int = 500
     postroll_ms: int = 300
     keep_warm_s: float = 0.0
+    # the account's new sessions per minute (budget.py): 0 = learn it; session_budget False
+    # for the offline engine (url = "local"), which has no such limit
+    sessions_per_minute: int = 0
+    session_budget: bool = True
     button_mode: str = "hold"
     final_timeout_s: float = 10.0      # ForceEndpoint -> end-of-turn Turn, bounded
     empty_final_timeout_s: float = 2.0  # the same, when no speech was heard in the press
@@ -150,6 +155,7 @@ class Controller:
         self._warm: Session | None = None
         self._closing: set[Session] = set()
         self._warm_until: float | None = None
+        self._budget = SessionBudget(settings.sessions_per_minute, clock)
         self._auth_blocked = False
         self._mic_offline: str | None = None
         self._net_down: str | None = None     # why the server cannot be reached, while so
@@ -163,6 +169,7 @@ class Controller:
         self._spool = spool
         # presses waiting for the network (published for ``status``: read from other threads)
         self.waiting: dict = {"waiting": 0, "waiting_s": 0.0, "spooled": 0}
+        self.budget: dict = self._budget.snapshot()
         self._draining = False
         self._drain_again = False
 
@@ -215,7 +222,8 @@ class Controller:
         if name == "status":
             return {"ok": True, "state": self.state.value, "detail": self.state_detail,
                     "last_final": self.last_final,
-                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate), **self.waiting}
+                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate), **self.waiting,
+                    **self.budget}
         if name not in ("press", "release", "toggle", "cancel"):
             return {"ok": False, "error": f"unknown command {name!r}"}
         if not self.post(Command(name, source)):
@@ -374,11 +382,18 @@ class Controller:
             press.stream_base_ms = protocol.frame_ms(session.audio_bytes_sent, self.s.sample_rate)
             self._start_streaming(press)
             return
-        press.attempts += 1
-        log.debug("press %d: opening session (attempt %d)", press.press_id, press.attempts)
         if (self.s.fallback and self._cloud_retry_at is not None
                 and self._clock() < self._cloud_retry_at):
             press.engine = "local"
+        if self._budgeted(press):
+            wait = self._budget.wait_s()
+            if wait > 0:  # the account's window is full: hold the press (its audio is kept)
+                log.info("press %d: %d new sessions in the last minute (the limit): sending it "
+                         "in %.1f s", press.press_id, self._budget.count(), wait)
+                press.deadline = self._clock() + wait  # (still WAITING: _retry opens it)
+                return
+        press.attempts += 1
+        log.debug("press %d: opening session (attempt %d)", press.press_id, press.attempts)
         session = None
         try:
             session = self._new_session(on_event=self.on_session_event, engine=press.engine)
@@ -390,7 +405,13 @@ class Controller:
             self._fail_press(press, None, f"cannot open a session: {type(exc).__name__}: {exc}")
             return
         press.session = session
+        if self._budgeted(press):
+            self._budget.opened(session)
         press.move(PressPhase.CONNECTING, self._clock() + self.s.connect_deadline_s)
+
+    def _budgeted(self, press: Press) -> bool:
+        """Sessions of this press count against the account's new-session budget."""
+        return self.s.session_budget and press.engine == "cloud"
 
     def _press_of(self, session: Session) -> Press | None:
         """The newest press that used ``session`` (a warm session serves one press after another)."""
@@ -582,6 +603,11 @@ class Controller:
         self._closing.discard(session)
         if session is self._warm:
             self._warm, self._warm_until = None, None
+        if closed.before_begin and not closed.local:  # the service never let it in
+            if closed.policy.kind == "rate_limited":
+                self._budget.refused(session)
+            else:
+                self._budget.not_admitted(session)
         if press is None or press.session is not session or closed.local:
             return
         if press.phase is PressPhase.DELIVERING:  # its last final is already out
@@ -620,6 +646,9 @@ class Controller:
             self._refresh_state()
             return
         delay = policy.delay(press.attempts - 1, self._rng)
+        if policy.kind == "rate_limited" and self._budgeted(press):
+            # the window's oldest session leaving it is when one more may fit (budget.py)
+            delay = self._budget.wait_s() or delay
         self._report_error(closed, delay)
         press.move(PressPhase.WAITING, self._clock() + delay)
         self._refresh_state()
@@ -698,12 +727,20 @@ class Controller:
             self._draining = False
 
     def _release_session(self, press: Press, session: Session, terminate: bool) -> None:
+        """After a press: keep its session open for the next one (``keep_warm_s``, or as long
+        as the new-session budget needs: a session is billed while open), or end it."""
+        warm_s = self.s.keep_warm_s
+        if self._budgeted(press) and terminate:
+            warm_s = max(warm_s, self._budget.warm_s())
         keep = (terminate and press.outcome in (Outcome.FINAL, Outcome.SILENT)
-                and self.s.keep_warm_s > 0 and session.is_open
+                and warm_s > 0 and session.is_open
                 and self._stopping is None and self._warm is None
-                and _lifetime_left(session) > self.s.keep_warm_s + EXPIRY_MARGIN_S)
+                and _lifetime_left(session) > warm_s + EXPIRY_MARGIN_S)
         if keep:
-            self._warm, self._warm_until = session, self._clock() + self.s.keep_warm_s
+            if warm_s > self.s.keep_warm_s:
+                log.info("press %d: keeping its session %.1f s for the next press (the account's "
+                         "new-session budget is spent)", press.press_id, warm_s)
+            self._warm, self._warm_until = session, self._clock() + warm_s
         elif terminate and session.is_open:
             self._closing.add(session)
             session.terminate_async()
@@ -1014,6 +1051,9 @@ class Controller:
                    "spooled": on_disk}
         if waiting != self.waiting:
             self.waiting = waiting
+        budget = self._budget.snapshot()
+        if budget != self.budget:
+            self.budget = budget
 
     # --- state -------------------------------------------------------------------------------------
 

@@ -86,6 +86,8 @@ class Daemon:
         a = self.cfg.audio
         return Settings(sample_rate=a.sample_rate, chunk_ms=a.chunk_ms, preroll_ms=a.preroll_ms,
                         postroll_ms=a.postroll_ms, keep_warm_s=self.cfg.stt.keep_warm_s,
+                        sessions_per_minute=self.cfg.stt.sessions_per_minute,
+                        session_budget=not self.cfg.is_local,
                         button_mode=self.cfg.button.mode,
                         fallback=self.cfg.stt.fallback == "local" and not self.cfg.is_local,
                         fallback_retry_s=self.cfg.stt.fallback_retry_s)

@@ -401,7 +401,10 @@ class Session:
             self._emit_finals(self._assembler.expire(now))
             if not self._readable(self._next_wakeup(begin_deadline) - now):
                 continue
-            opcode, frame = self._ws.recv_data_frame(False)
+            # control frames come back too: with False, websocket-client answers a ping and
+            # then blocks for the next data frame with the send timeout, so a quiet session
+            # (kept warm, or a long silent press) died 10 s after a server ping
+            opcode, frame = self._ws.recv_data_frame(True)
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 self._on_close_frame(frame.data)
                 return
