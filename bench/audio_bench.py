@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from alsa_fifo import FifoMic  # noqa: E402
-from pttd.audio import AlsaSource, RingBuffer  # noqa: E402
-from pttd.convert import Converter  # noqa: E402
+from pttd.audio.capture import AlsaSource, RingBuffer  # noqa: E402
+from pttd.audio.convert import Converter  # noqa: E402
 
 
 def mems_noise(start: int, n: int) -> np.ndarray:

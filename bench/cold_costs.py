@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
-from pttd.ring import RingBuffer  # noqa: E402
-from pttd.streamer import Streamer  # noqa: E402
+from pttd.audio.ring import RingBuffer  # noqa: E402
+from pttd.core.streamer import Streamer  # noqa: E402
 
 RATE = 16000
 

@@ -227,9 +227,9 @@ def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: st
     elif kind == "bare":
         import websocket
     else:
-        from pttd import protocol
+        from pttd.stt.assemblyai import protocol
         from pttd.config import Secret
-        from pttd.session import Session
+        from pttd.stt.assemblyai.session import Session
     t_imp_done = time.monotonic()
 
     n_frames = int(round(seconds / FRAME_S))
@@ -381,7 +381,13 @@ def thread_cpu_ns() -> dict[str, int]:
 def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     import websocket
 
-    from pttd import audio, cli, controller, outputs, ring, session, streamer
+    from pttd.audio import capture as audio
+    from pttd import cli
+    from pttd.core import controller
+    from pttd.outputs import fanout as outputs
+    from pttd.audio import ring
+    from pttd.stt.assemblyai import session
+    from pttd.core import streamer
 
     notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "press": [],
              "release": [], "finals": [], "ctl": [], "emitted": [],
@@ -647,7 +653,7 @@ def _run_pttd(server, wav, b_start_ms, seconds, presses, tmp, idle_s, spy, cprof
     import signal
     import socket
 
-    from pttd.control import request
+    from pttd.frontends.control import request
 
     tmp = Path(tempfile.mkdtemp(prefix="pttd-", dir=tmp))
 

@@ -1,4 +1,4 @@
-"""Offline engine benchmark: accuracy and cost of pttd.local_engine on the bundled demo WAVs.
+"""Offline engine benchmark: accuracy and cost of pttd.local.engine on the bundled demo WAVs.
 
 Per mode (grammar = the demo phrase list, free = dictation with the default LM), each in a fresh
 child process so peak RSS is its own:
@@ -31,8 +31,8 @@ from urllib.parse import urlencode
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from pttd.local_engine import LocalEngine, PocketsphinxFactory, normalize_phrase
-from pttd.v3server import ServerOptions, build_session_config
+from pttd.local.engine import LocalEngine, PocketsphinxFactory, normalize_phrase
+from pttd.local.server import ServerOptions, build_session_config
 
 DATA = resources.files("pttd") / "data"
 FRAME_BYTES = 1600          # 50 ms at 16 kHz, PCM16

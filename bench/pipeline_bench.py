@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--presses", type=int, default=20)
     args = ap.parse_args()
     from pttd.config import from_dict
-    from pttd.daemon import Daemon
+    from pttd.app.daemon import Daemon
 
     tmp = Path(tempfile.mkdtemp(prefix="pttd-bench-"))
     make_wav(tmp / "mic.wav", args.presses)

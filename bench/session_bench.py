@@ -23,9 +23,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t_import = time.perf_counter()
-    from pttd import protocol
+    from pttd.stt.assemblyai import protocol
     from pttd.config import Secret
-    from pttd.session import Session
+    from pttd.stt.assemblyai.session import Session
     import_s = time.perf_counter() - t_import
 
     rate, chunk = 16000, 16 * args.chunk_ms
@@ -57,7 +57,7 @@ def main() -> None:
 
     lateness_ms = [(s - d) * 1000 for s, d in zip(sent_at, deadlines)]
     print(f"session_bench: {args.seconds:g} s of {args.chunk_ms} ms frames, {len(sent_at)}/{n_frames} sent")
-    print(f"  import pttd.session      {import_s * 1000:7.1f} ms")
+    print(f"  import pttd.stt.assemblyai.session      {import_s * 1000:7.1f} ms")
     print(f"  connect -> Begin         {connect_s * 1000:7.1f} ms")
     print(f"  CPU per audio second     {cpu / args.seconds * 1000:7.2f} ms/s")
     print(f"  peak RSS                 {peak_rss_mb():7.1f} MB")

@@ -127,9 +127,11 @@ def importtime_report(argv: list[str], cfg: Path, tmp: Path, top: int = 15) -> N
 # charged for what it loads that was not loaded before (third-party first, then pttd's modules).
 IMPORT_ORDER = ["json", "ssl", "websocket", "numpy", "gpiozero", "gpiozero.pins.mock", "asyncio",
                 "websockets.asyncio.server", "systemd.journal", "alsaaudio", "pttd.config",
-                "pttd.protocol", "pttd.session", "pttd.controller", "pttd.daemon", "pttd.audio",
-                "pttd.outputs", "pttd.control", "pttd.peripherals", "pttd.service", "pttd.kiosk",
-                "pttd.mqtt", "pttd.typing_sink", "pttd.hook", "pttd.cli"]
+                "pttd.stt.assemblyai.protocol", "pttd.stt.assemblyai.session",
+                "pttd.core.controller", "pttd.app.daemon", "pttd.audio.capture",
+                "pttd.outputs.fanout", "pttd.frontends.control", "pttd.frontends.peripherals",
+                "pttd.app.service", "pttd.frontends.kiosk", "pttd.frontends.mqtt",
+                "pttd.outputs.keyboard", "pttd.outputs.hook", "pttd.cli"]
 SDK_ORDER = ["json", "ssl", "websockets.sync.client", "pydantic", "httpx", "assemblyai",
              "assemblyai.streaming.v3"]
 

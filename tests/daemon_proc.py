@@ -94,7 +94,7 @@ def inprocess_daemon(fake_v3, tmp_path):
     mic and mock GPIO, against a fake v3 server (key ``E2E_KEY``) whose turns say ``text``;
     returns ``(daemon, server)``. Every daemon is shut down at teardown (again, if the test
     already did: that is harmless)."""
-    from pttd.daemon import Daemon
+    from pttd.app.daemon import Daemon
 
     started = []
 
@@ -167,7 +167,7 @@ class DaemonProcess:
             self.stderr_lines.append(line)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        from pttd.control import ControlError, request
+        from pttd.frontends.control import ControlError, request
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -183,7 +183,7 @@ class DaemonProcess:
         raise AssertionError("pttd did not become ready")
 
     def command(self, cmd: str) -> dict:
-        from pttd.control import request
+        from pttd.frontends.control import request
 
         return request(str(self.socket), cmd, timeout=5.0)
 

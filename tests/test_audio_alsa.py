@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alsa_fifo import FifoMic, pcm16, sine_fit, wait_until
-from pttd.audio import AlsaSource, RingBuffer, measure_levels, record
+from pttd.audio.capture import AlsaSource, RingBuffer, measure_levels, record
 
 FS32 = 2.0 ** 31
 RATE = 16000

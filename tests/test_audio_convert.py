@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from alsa_fifo import pcm16, sine, sine_fit
-from pttd.audio import level_warnings
-from pttd.convert import Converter, Resampler, design_filter_bank
+from pttd.audio.capture import level_warnings
+from pttd.audio.convert import Converter, Resampler, design_filter_bank
 
 FS32 = 2.0 ** 31
 
@@ -227,7 +227,7 @@ def test_resampler_computes_the_filter_bank_sum(rate):
 def test_high_pass_equals_its_recursion_in_any_blocks(rate):
     """The closed form, chunked (up to a⁻ᵏ ≤ e⁶⁴), against y[n] = a·y[n−1] + g·(x[n] − x[n−1])
     run sample by sample, whole and in odd blocks: within 1e-6 of a 16-bit step."""
-    from pttd.convert import HighPass
+    from pttd.audio.convert import HighPass
 
     rng = np.random.default_rng(3)
     x = rng.normal(0, 8000, 3 * rate // 2) - 5000.0   # noise on a large DC offset

@@ -25,8 +25,8 @@ DAEMON = textwrap.dedent("""
     os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     from pttd import cli
     from pttd.config import load_config
-    from pttd.daemon import Daemon
-    from pttd.service import install_stop_signals
+    from pttd.app.daemon import Daemon
+    from pttd.app.service import install_stop_signals
 
     cli.setup_logging(False)
     daemon = Daemon(load_config(sys.argv[1]))
@@ -91,14 +91,14 @@ def test_16k_mono_alsa_mic_without_high_pass_runs_without_numpy(tmp_path, highpa
 def test_convert_exports_its_numpy_classes_lazily():
     code = textwrap.dedent("""
         import sys
-        import pttd.audio, pttd.convert
+        import pttd.audio.capture, pttd.audio.convert
         assert "numpy" not in sys.modules
-        from pttd import dsp
-        from pttd.convert import FilterBank, HighPass, LevelMeter, Resampler, design_filter_bank
+        from pttd.audio import dsp
+        from pttd.audio.convert import FilterBank, HighPass, LevelMeter, Resampler, design_filter_bank
         assert (FilterBank, HighPass, LevelMeter, Resampler, design_filter_bank) == (
             dsp.FilterBank, dsp.HighPass, dsp.LevelMeter, dsp.Resampler, dsp.design_filter_bank)
         try:
-            pttd.convert.Nothing
+            pttd.audio.convert.Nothing
         except AttributeError:
             print("ok")
     """)

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from pttd.ring import RingBuffer
+from pttd.audio.ring import RingBuffer
 
 
 def pcm(values) -> bytes:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alsa_fifo import pcm16, sine_fit
-from pttd.audio import AudioError, RingBuffer, WavSource, measure_levels, record
+from pttd.audio.capture import AudioError, RingBuffer, WavSource, measure_levels, record
 
 
 def write_wav(path, frames: np.ndarray, rate: int, width: int = 2):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pttd.control import (COMMANDS, MAX_LINE, ControlError, ControlServer, SocketInUseError,
+from pttd.frontends.control import (COMMANDS, MAX_LINE, ControlError, ControlServer, SocketInUseError,
                           request, subscribe)
 
 IO_TIMEOUT = 3.0

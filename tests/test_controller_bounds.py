@@ -1,8 +1,8 @@
 """The controller's queue is bounded: overflow drops the item and says so, never blocks."""
 import threading
 
-from pttd.controller import QUEUE_BOUND, Controller, Settings
-from pttd.ring import RingBuffer
+from pttd.core.controller import QUEUE_BOUND, Controller, Settings
+from pttd.audio.ring import RingBuffer
 
 
 def test_queue_overflow_drops_and_counts_without_blocking():
@@ -33,7 +33,7 @@ def test_offline_queue_is_bounded_and_drops_the_oldest_press():
     import time
 
     from pttd.config import Secret
-    from pttd.session import Session
+    from pttd.stt.assemblyai.session import Session
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

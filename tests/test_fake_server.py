@@ -1,4 +1,4 @@
-"""Conformance tests of the local v3 server (pttd.v3server + tests/fakes/fake_v3.py).
+"""Conformance tests of the local v3 server (pttd.local.server + tests/fakes/fake_v3.py).
 
 They use a tiny raw client built on ``websockets.sync.client`` (not the daemon's client), so a
 bug in the daemon cannot hide a bug in the fake. Every message a session sends is validated
@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from pttd.v3server import (
+from pttd.local.server import (
     AUTH_ERROR,
     HypWord,
     ServerThread,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-import pttd.v3server as v3server
-from pttd.v3server import AUTH_ERROR, Faults
+import pttd.local.server as v3server
+from pttd.local.server import AUTH_ERROR, Faults
 from tests.alsa_fifo import wait_until
 from tests.test_fake_server import RawClient, assert_error_close, pcm, session_record, tone
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pttd.hook import HookSink, env_name, hook_env
+from pttd.outputs.hook import HookSink, env_name, hook_env
 from tests.daemon_proc import DaemonProcess, speech_wav, write_config
 
 FINAL = {"event": "final", "text": "Turn on the lights; rm -rf / $(touch pwned)\nsecond line",
@@ -266,7 +266,7 @@ os.replace(os.path.join(out, "partial"), os.path.join(out, f"run{n}.json"))
 
 
 def _allowed_env_name(name: str) -> bool:
-    from pttd.hook import ENV_ALLOWED
+    from pttd.outputs.hook import ENV_ALLOWED
 
     return name in ENV_ALLOWED or name.startswith(("LC_", "PTTD_"))
 
@@ -294,7 +294,7 @@ def test_environment_is_an_allow_list(tmp_path, sinks, monkeypatch):
 
 
 def test_core_dumps_off_and_file_size_limited(tmp_path, sinks):
-    from pttd.hook import FILE_SIZE_LIMIT
+    from pttd.outputs.hook import FILE_SIZE_LIMIT
 
     out = tmp_path / "out"
     out.mkdir()
@@ -371,7 +371,7 @@ def test_endless_output_ends_fast_without_a_file(tmp_path, sinks, caplog):
 
 
 def test_tail_keeps_the_last_bytes():
-    from pttd.hook import HookOutput
+    from pttd.outputs.hook import HookOutput
 
     out = HookOutput(keep=10, limit=100)
     assert out.add(b"0123456789abcdef") and out.tail == b"6789abcdef"

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from pttd.config import Secret
-from pttd.session import Session, SessionClosed
-from pttd.v3server import Faults
+from pttd.stt.assemblyai.session import Session, SessionClosed
+from pttd.local.server import Faults
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config
 

@@ -19,8 +19,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from pttd.control import MAX_LINE
-from pttd.kiosk import KioskServer
+from pttd.frontends.control import MAX_LINE
+from pttd.frontends.kiosk import KioskServer
 from tests.daemon_proc import DaemonProcess, speech_wav, write_config
 
 KEY = "kiosk-key-0123456789"
@@ -485,7 +485,7 @@ def _closed_by_server(s: socket.socket, timeout: float) -> bool:
 
 
 def test_a_silent_connection_is_closed_after_the_handshake_timeout(kiosk_factory):
-    from pttd.kiosk import HANDSHAKE_TIMEOUT_S
+    from pttd.frontends.kiosk import HANDSHAKE_TIMEOUT_S
 
     server, _ = kiosk_factory()
     started = time.monotonic()

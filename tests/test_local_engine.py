@@ -1,4 +1,4 @@
-"""The offline engine (pttd.local_engine): real pocketsphinx behind the real v3 WebSocket server.
+"""The offline engine (pttd.local.engine): real pocketsphinx behind the real v3 WebSocket server.
 
 Speech is the bundled espeak-ng demo WAVs (daemon/pttd/data, see scripts/make_demo_wavs.sh),
 sent by the independent raw client of tests/test_fake_server.py. The recognizer-independent
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pttd.config import ConfigError
-from pttd.local_engine import (
+from pttd.local.engine import (
     LocalEngine,
     PocketsphinxFactory,
     UnknownWordsError,
@@ -30,7 +30,7 @@ from pttd.local_engine import (
     normalize_phrase,
     normalize_phrases,
 )
-from pttd.v3server import AUTH_ERROR, ServerOptions
+from pttd.local.server import AUTH_ERROR, ServerOptions
 from tests.fakes.schemas import validate_session
 from tests.test_fake_server import (  # noqa: F401  (imported tests run here against the engine)
     U3,
@@ -163,7 +163,7 @@ def test_free_dictation_returns_text(free_engine):
 
 def test_keyterms_prompt_constrains_a_free_engine_and_skips_unknown_words(free_engine, caplog):
     keyterms = ["Remind me to buy MILK tomorrow!", "play some music", "open the pttd"]
-    with caplog.at_level(logging.WARNING, logger="pttd.local_engine"):
+    with caplog.at_level(logging.WARNING, logger="pttd.local.engine"):
         final, _ = transcribe(free_engine.url, clip_pcm(DICTATION),
                               {"keyterms_prompt": json.dumps(keyterms)}, paced=False)
     assert final["transcript"] == DICTATION["text"]

@@ -1,11 +1,11 @@
-"""pttd.mailbox: the bounded SimpleQueue the controller and the output threads read."""
+"""pttd.core.mailbox: the bounded SimpleQueue the controller and the output threads read."""
 import queue
 import threading
 import time
 
 import pytest
 
-from pttd.mailbox import Mailbox
+from pttd.core.mailbox import Mailbox
 
 
 def test_fifo_bound_and_a_stop_marker_past_the_bound():

@@ -22,7 +22,7 @@ import pytest
 
 from pttd import config as c
 from pttd import events
-from pttd import mqtt as m
+from pttd.frontends import mqtt as m
 from tests.daemon_proc import DaemonProcess, speech_wav, wait_queue, write_config
 
 mqtt = pytest.importorskip("paho.mqtt.client")
@@ -294,7 +294,7 @@ def test_finals_queue_bounded_oldest_dropped_then_all_published_in_order(broker,
                                                                          caplog):
     port = free_port()
     bridge = m.MqttBridge(url=f"mqtt://127.0.0.1:{port}", device_id="q")
-    with caplog.at_level("WARNING", logger="pttd.mqtt"):
+    with caplog.at_level("WARNING", logger="pttd.frontends.mqtt"):
         for i in range(m.FINAL_QUEUE + 5):   # no broker yet: all wait in the queue
             bridge.emit(final(i))
     assert bridge.dropped_finals == 5
@@ -320,7 +320,7 @@ def test_commands_reach_the_controller_and_bad_ones_are_ignored(broker, subscrib
                           on_command=lambda name: got.append(name) or {"ok": True})
     bridge.start()
     try:
-        with caplog.at_level("WARNING", logger="pttd.mqtt"):
+        with caplog.at_level("WARNING", logger="pttd.frontends.mqtt"):
             pub.wait(is_state("idle"))  # the bridge is connected and subscribed
             for payload in [b"press", b'{"cmd":"status"}', b'{"nope":1}', b"\x00" * 4096]:
                 pub.publish("pttd/dev/cmd", payload)

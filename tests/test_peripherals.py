@@ -12,7 +12,7 @@ from gpiozero import LED
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from pttd.events import State
-from pttd.peripherals import (DEFAULT_PATTERNS, ButtonInput, LedThread, Pattern, PeripheralError,
+from pttd.frontends.peripherals import (DEFAULT_PATTERNS, ButtonInput, LedThread, Pattern, PeripheralError,
                               StatusLeds, make_pin_factory, parse_pattern)
 
 RGB = [5, 6, 13]
@@ -468,7 +468,7 @@ def test_defaults_cover_every_state_and_parse(kind):
 
 
 def test_parse_pattern_does_not_import_gpiozero():
-    code = ("import sys; from pttd.peripherals import parse_pattern, led_patterns; "
+    code = ("import sys; from pttd.frontends.peripherals import parse_pattern, led_patterns; "
             "parse_pattern('rgb', 'red:blink:1'); led_patterns('pwm', {'idle': 'dim:0.1'}); "
             "sys.exit('gpiozero' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pttd import controller
+from pttd.core import controller
 from pttd.events import State
 from tests.alsa_fifo import wait_until
 

@@ -1,8 +1,8 @@
 """Every press ends: the controller's press lifecycle under random interleavings and faults.
 
 The controller runs without its thread (``Controller.process``) against a scripted world: the
-sessions and streamers it asks for are stand-ins with the owner API of ``pttd.session.Session``
-and ``pttd.streamer.Streamer`` (the real ones are proven against the fake v3 server elsewhere;
+sessions and streamers it asks for are stand-ins with the owner API of ``pttd.stt.assemblyai.session.Session``
+and ``pttd.core.streamer.Streamer`` (the real ones are proven against the fake v3 server elsewhere;
 here what matters is every order in which their reports can reach the controller), a fake
 clock for every deadline, a real ring buffer and the real ``Outputs`` fan-out with a sink that
 fails. Hypothesis draws the interleavings; the invariant is stated once (``check_invariants``).
@@ -22,16 +22,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pttd import protocol
-from pttd.controller import Command, Controller, SessionEvent, Settings, SourceStatus, _Stop
+from pttd.stt.assemblyai import protocol
+from pttd.core.controller import Command, Controller, SessionEvent, Settings, SourceStatus, _Stop
 from pttd.events import State
-from pttd.outputs import Outputs
-from pttd.press import IllegalMove, Outcome, Press, PressPhase
-from pttd.protocol import Begin, FinalTurn, Turn, Word
-from pttd.ring import RingBuffer
-from pttd.session import SessionClosed
-from pttd.spool import Spool
-from pttd.streamer import StreamDone, StreamFailed
+from pttd.outputs.fanout import Outputs
+from pttd.core.press import IllegalMove, Outcome, Press, PressPhase
+from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn, Word
+from pttd.audio.ring import RingBuffer
+from pttd.stt.assemblyai.session import SessionClosed
+from pttd.core.spool import Spool
+from pttd.core.streamer import StreamDone, StreamFailed
 
 RATE = 16000
 
@@ -64,7 +64,7 @@ class World:
 
 
 class FakeSession:
-    """The owner API of ``pttd.session.Session`` (what the controller calls and reads)."""
+    """The owner API of ``pttd.stt.assemblyai.session.Session`` (what the controller calls and reads)."""
 
     def __init__(self, world: World, engine: str):
         world.maybe_break("factory")
@@ -115,7 +115,7 @@ class FakeSession:
 
 
 class FakeStreamer:
-    """The API of ``pttd.streamer.Streamer`` the controller uses; the world decides when its
+    """The API of ``pttd.core.streamer.Streamer`` the controller uses; the world decides when its
     last frame and ForceEndpoint are out (``StreamDone``) or that it failed."""
 
     def __init__(self, world: World, source, session, start_pos, chunk, *, post, sample_rate,

@@ -5,7 +5,7 @@ import urllib.parse
 
 import pytest
 
-from pttd import protocol as p
+from pttd.stt.assemblyai import protocol as p
 
 
 def test_begin_with_and_without_configuration():

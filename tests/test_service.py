@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from pttd.events import State
-from pttd.service import Notifier, Watchdog, install_stop_signals, status_text, watchdog_interval
+from pttd.app.service import Notifier, Watchdog, install_stop_signals, status_text, watchdog_interval
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_install_stop_signals_calls_back_and_restores():
 
 CHILD = textwrap.dedent("""
     import sys
-    from pttd.service import Notifier, StopRequest, install_stop_signals
+    from pttd.app.service import Notifier, StopRequest, install_stop_signals
     stop = StopRequest()
     notifier = Notifier()
     install_stop_signals(stop.request)

@@ -1,4 +1,4 @@
-"""pttd.session against the fake v3 server: real websocket-client, real sockets, no mocks."""
+"""pttd.stt.assemblyai.session against the fake v3 server: real websocket-client, real sockets, no mocks."""
 from __future__ import annotations
 
 import queue
@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from pttd import protocol
+from pttd.stt.assemblyai import protocol
 from pttd.config import Secret
-from pttd.session import ConnectError, Session, SessionClosed
-from pttd.v3server import Faults
+from pttd.stt.assemblyai.session import ConnectError, Session, SessionClosed
+from pttd.local.server import Faults
 from tests.fakes.schemas import validate_client_message
 
 KEY = "test-key-0123456789"

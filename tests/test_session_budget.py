@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from pttd import protocol
-from pttd.budget import ASSUMED_LIMIT, FORGET_S, SLACK_S, WINDOW_S, SessionBudget
-from pttd.protocol import Begin, FinalTurn, Turn
-from pttd.press import Outcome, PressPhase
+from pttd.stt.assemblyai import protocol
+from pttd.core.budget import ASSUMED_LIMIT, FORGET_S, SLACK_S, WINDOW_S, SessionBudget
+from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn
+from pttd.core.press import Outcome, PressPhase
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config
 from tests.test_press_lifecycle import FakeClock, Harness

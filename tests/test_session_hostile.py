@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pttd import protocol
-from pttd.session import SessionClosed
-from pttd.v3server import Faults
+from pttd.stt.assemblyai import protocol
+from pttd.stt.assemblyai.session import SessionClosed
+from pttd.local.server import Faults
 from tests.test_session import KEY, Recorder, frames, open_session, quiet, speech
 
 ABSURD = [1e400, -1e400, -1, 2 ** 70, 1.5, "7", None, True, [], {}]
@@ -158,7 +158,7 @@ def test_an_exception_in_the_receiver_is_one_close_report(server, monkeypatch):
 def test_a_url_websocket_client_cannot_use_is_a_config_failure_not_the_network(url):
     """Reported once, as a configuration problem: not retried, not taken for "offline"."""
     from pttd.config import Secret
-    from pttd.session import Session
+    from pttd.stt.assemblyai.session import Session
 
     rec = Recorder()
     session = Session(url, Secret(KEY), on_event=rec)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pttd import config
-from pttd.press import Outcome, PressPhase
-from pttd.protocol import Begin, FinalTurn, Turn
-from pttd.spool import DEFAULT_DIR, Spool, SpoolError, encode, open_spool
+from pttd.core.press import Outcome, PressPhase
+from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn
+from pttd.core.spool import DEFAULT_DIR, Spool, SpoolError, encode, open_spool
 from tests.test_press_lifecycle import RATE, Harness
 
 

@@ -105,7 +105,7 @@ def test_stop_request_wakes_the_main_thread_when_another_thread_takes_the_signal
     """The case that hung: SIGTERM delivered to a thread that is not the sleeping main thread."""
     import threading
 
-    from pttd.service import StopRequest, install_stop_signals
+    from pttd.app.service import StopRequest, install_stop_signals
 
     stop = StopRequest()
     restore = install_stop_signals(stop.request)
@@ -139,7 +139,7 @@ def test_stop_request_wakes_the_main_thread_when_another_thread_takes_the_signal
 def test_stop_request_from_another_thread_and_after_close():
     import threading
 
-    from pttd.service import StopRequest
+    from pttd.app.service import StopRequest
 
     stop = StopRequest()
     timer = threading.Timer(0.1, stop.request)

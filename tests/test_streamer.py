@@ -1,4 +1,4 @@
-"""pttd.streamer with a real RingBuffer and a real Session against the fake v3 server.
+"""pttd.core.streamer with a real RingBuffer and a real Session against the fake v3 server.
 
 What the server receives is checked, not what the streamer meant to send: the frames are the
 ring's audio from the start to exactly the end (the last frame takes the remainder), every frame
@@ -11,8 +11,8 @@ import queue
 import numpy as np
 import pytest
 
-from pttd.ring import RingBuffer
-from pttd.streamer import StreamDone, Streamer
+from pttd.audio.ring import RingBuffer
+from pttd.core.streamer import StreamDone, Streamer
 from tests.test_session import KEY, RATE, Recorder, open_session, quiet, speech
 
 

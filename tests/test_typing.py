@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pttd import config as c
-from pttd import typing_sink as ts
-from pttd.typing_sink import (EV_KEY, EV_SYN, KEY, LAYOUTS, Edit, Stroke, TurnTyper, TypingError,
+from pttd.outputs import keyboard as ts
+from pttd.outputs.keyboard import (EV_KEY, EV_SYN, KEY, LAYOUTS, Edit, Stroke, TurnTyper, TypingError,
                               TypingSink, key_events, stable_words, stroke_events, translate)
 from tests.alsa_fifo import wait_until
 
@@ -404,7 +404,7 @@ def test_sink_types_finals_and_ignores_other_events():
 def test_sink_reports_untypable_characters(caplog):
     kbd = RecordingKeyboard()
     sink = TypingSink(kbd, "us", trailing="newline", delay_ms=0)
-    with caplog.at_level("WARNING", logger="pttd.typing_sink"):
+    with caplog.at_level("WARNING", logger="pttd.outputs.keyboard"):
         sink.emit(final("Café crème ☕", press=4))
     assert screen_of(kbd.events, US) == "Caf crme \n"
     assert sink.untypable_count == 3 and sink.untypable["é"] == 1 and sink.untypable["è"] == 1

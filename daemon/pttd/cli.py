@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
-from . import __version__
-from .config import ConfigError, config_path, load_config
+from pttd import __version__
+from pttd.config import ConfigError, config_path, load_config
 
 log = logging.getLogger("pttd")
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(verbose: bool) -> None:
-    from .outputs import journal_logging_handler, journal_stream_matches
+    from pttd.outputs.fanout import journal_logging_handler, journal_stream_matches
 
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
@@ -105,7 +105,7 @@ def _load(args):
 # --- commands --------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .daemon import StartupError, run
+    from pttd.app.daemon import StartupError, run
 
     # The daemon's threads mostly sleep; a waking one waits for the GIL at most this long when
     # another runs Python (5 ms by default: ~5 ms added to wake-ups next to a busy thread, such
@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_control(args) -> int:
-    from .control import ControlError, request
+    from pttd.frontends.control import ControlError, request
 
     path = _socket_path(args)
     try:
@@ -132,7 +132,7 @@ def cmd_control(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from .control import ControlError, subscribe
+    from pttd.frontends.control import ControlError, subscribe
 
     path = _socket_path(args)
     try:
@@ -157,8 +157,8 @@ def _socket_path(args) -> str:
 
 
 def cmd_demo(args) -> int:
-    from .daemon import StartupError
-    from .demo import run_demo
+    from pttd.app.daemon import StartupError
+    from pttd.app.demo import run_demo
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the demo's own lines tell the story
@@ -169,13 +169,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .check import run_check
+    from pttd.app.check import run_check
 
     return run_check(_load(args))
 
 
 def cmd_record(args) -> int:
-    from .record import run_record
+    from pttd.audio.record import run_record
 
     if args.seconds <= 0:
         raise UsageError("--seconds must be positive")
@@ -183,19 +183,19 @@ def cmd_record(args) -> int:
 
 
 def cmd_serve_local(args) -> int:
-    from .daemon import StartupError, require_pocketsphinx
+    from pttd.app.daemon import StartupError, require_pocketsphinx
 
     try:
         require_pocketsphinx("pttd serve-local")
     except StartupError as exc:
         raise UsageError(str(exc)) from None
-    from .local_engine import serve
+    from pttd.local.engine import serve
 
     return serve(args.host, args.port)
 
 
 def cmd_serve_tokens(args) -> int:
-    from .tokens import serve
+    from pttd.stt.assemblyai.tokens import serve
 
     return serve(_load(args), args.listen, args.devices, max_session_s=args.max_session_s,
                  expires_s=args.expires_s, per_device_per_minute=args.per_device_per_minute,

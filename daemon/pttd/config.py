@@ -95,7 +95,7 @@ def _token_url(v: str) -> str | None:
     if parts.scheme not in ("https", "http") or not parts.hostname or any(c.isspace() for c in v):
         return "must be an https:// URL with a host"
     if parts.scheme == "http":
-        from .tokens import is_loopback_host
+        from pttd.stt.assemblyai.tokens import is_loopback_host
 
         if not is_loopback_host(parts.hostname):
             return "must be https:// (http:// only to a loopback host: the secret and the token " \
@@ -233,7 +233,7 @@ def _mqtt_url(v: str) -> str | None:
     """"" (off) or a URL mqtt.parse_url accepts (it imports no MQTT library)."""
     if v == "" or "@" in v:
         return None  # credentials in the URL: the daemon refuses it without echoing them
-    from .mqtt import MqttError, parse_url
+    from pttd.frontends.mqtt import MqttError, parse_url
 
     try:
         parse_url(v)
@@ -460,7 +460,7 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def _check_led_patterns(leds: LedsConfig) -> None:
-    from .events import State
+    from pttd.events import State
 
     states = {s.value for s in State}
     for state, pattern in leds.patterns.items():
@@ -469,7 +469,7 @@ def _check_led_patterns(leds: LedsConfig) -> None:
         if not isinstance(pattern, str):
             raise ConfigError(f"leds.patterns.{state} must be a string")
         try:
-            from .peripherals import parse_pattern
+            from pttd.frontends.peripherals import parse_pattern
         except ImportError:  # pragma: no cover - peripherals always ships with the package
             return
         try:

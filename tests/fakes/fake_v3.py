@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pytest
 
-from pttd.v3server import (
+from pttd.local.server import (
     Faults,
     HypWord,
     Hypothesis,

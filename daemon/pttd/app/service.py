@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Iterator, Mapping
 
-from .events import State
+from pttd.events import State
 
 log = logging.getLogger(__name__)
 

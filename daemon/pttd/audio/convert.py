@@ -22,7 +22,7 @@ _DSP_NAMES = frozenset({"FilterBank", "HighPass", "LevelMeter", "MAX_PHASES", "R
 
 def __getattr__(name: str):
     if name in _DSP_NAMES:
-        from . import dsp
+        from pttd.audio import dsp
 
         return getattr(dsp, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -108,7 +108,7 @@ class Converter:
                          and gain_db == 0.0 and not highpass_hz)
         self._chain = None
         if not self.identity:
-            from .dsp import Chain
+            from pttd.audio.dsp import Chain
 
             self._chain = Chain(in_format, in_channels, in_rate, channel, self.gain, out_rate,
                                 highpass_hz)
@@ -127,7 +127,7 @@ class Converter:
         if not on:
             self._meter = None
         elif self._meter is None:
-            from .dsp import LevelMeter
+            from pttd.audio.dsp import LevelMeter
 
             self._meter = LevelMeter(self.in_channels, FULL_SCALE[self.in_format])
 

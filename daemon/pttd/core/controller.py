@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import events, protocol
-from .budget import SessionBudget
-from .events import State
-from .mailbox import Mailbox
-from .press import Outcome, Press, PressPhase
-from .protocol import Begin, FinalTurn, Turn, WarningMessage
-from .session import Session, SessionClosed
-from .streamer import StreamDone, StreamFailed, Streamer
+from pttd import events
+from pttd.stt.assemblyai import protocol
+from pttd.core.budget import SessionBudget
+from pttd.events import State
+from pttd.core.mailbox import Mailbox
+from pttd.core.press import Outcome, Press, PressPhase
+from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn, WarningMessage
+from pttd.stt.assemblyai.session import Session, SessionClosed
+from pttd.core.streamer import StreamDone, StreamFailed, Streamer
 
 log = logging.getLogger(__name__)
 
@@ -826,7 +827,7 @@ class Controller:
         Audio held in memory is bounded by ``offline_queue_s`` in all: the oldest waiting press
         is dropped past it (with a spool, only presses whose file is not written yet count).
         """
-        from .ring import snapshot
+        from pttd.audio.ring import snapshot
 
         waiting = [p for p in self._live() if p.phase is PressPhase.WAITING
                    and p.end_pos is not None]
@@ -959,8 +960,8 @@ class Controller:
     def _load_spooled(self, press: Press) -> bool:
         """Read a spooled press's audio back to send it; a file too old, recorded at another
         rate, gone or damaged ends the press with an error (False)."""
-        from .ring import Snapshot
-        from .spool import SpoolError, age_s
+        from pttd.audio.ring import Snapshot
+        from pttd.core.spool import SpoolError, age_s
 
         entry = press.spool
         try:
@@ -990,7 +991,7 @@ class Controller:
         opened while they go)."""
         if self._spool is None or not self._spool.max_age_s:
             return
-        from .spool import age_s
+        from pttd.core.spool import age_s
 
         now = time.time()
         old = [p for p in self._live() if p.spool is not None and p.phase is PressPhase.WAITING
@@ -1008,7 +1009,7 @@ class Controller:
         """pttd is stopping with this press not yet sent: leave it in the spool for the next
         run. A press still held, or whose post-roll is not captured yet, is cut at the audio
         there is (as a stop does to a streaming press). False: it cannot be kept."""
-        from .ring import snapshot
+        from pttd.audio.ring import snapshot
 
         if self._spool is None or press.finals:
             return False

@@ -27,8 +27,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .events import State
-from .mailbox import Mailbox
+from pttd.events import State
+from pttd.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from .config import Config
+from pttd.config import Config
 
 
 def make_source(cfg: Config, ring, on_status=None):
     """The capture source the daemon would use for this config (also used by ``pttd check``)."""
-    from .audio import AlsaSource, WavSource
+    from pttd.audio.capture import AlsaSource, WavSource
 
     a = cfg.audio
     if a.source == "wav":
@@ -21,7 +21,7 @@ def make_source(cfg: Config, ring, on_status=None):
 
 
 def run_record(cfg: Config, seconds: float, out_path: str) -> int:
-    from .audio import AudioError, RingBuffer, record
+    from pttd.audio.capture import AudioError, RingBuffer, record
 
     a = cfg.audio
     ring = RingBuffer(max(a.ring_seconds, int(seconds) + 5) * a.sample_rate, a.sample_rate)

@@ -19,8 +19,8 @@ import wave
 from pathlib import Path
 from typing import Callable
 
-from .convert import AudioError, ChannelLevel, Converter, LevelReport
-from .ring import ReadResult, RingBuffer
+from pttd.audio.convert import AudioError, ChannelLevel, Converter, LevelReport
+from pttd.audio.ring import ReadResult, RingBuffer
 
 __all__ = ["AudioError", "AlsaSource", "Converter", "LevelReport", "ReadResult", "RingBuffer",
            "WavSource", "level_warnings", "measure_levels", "record"]

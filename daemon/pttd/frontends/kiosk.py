@@ -61,7 +61,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .control import MAX_LINE, SUBSCRIBE, RequestError, parse_request
+from pttd.frontends.control import MAX_LINE, SUBSCRIBE, RequestError, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 _WS_LOG = logging.getLogger(__name__ + ".ws")
 _WS_LOG.setLevel(logging.INFO)
 
-PAGE_PACKAGE = "pttd"
+PAGE_PACKAGE = "pttd.frontends"
 PAGE_DIR = "kiosk_page"
 _PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/kiosk.js": "kiosk.js",
                "/kiosk.css": "kiosk.css", "/icon.svg": "icon.svg", "/favicon.ico": "icon.svg"}

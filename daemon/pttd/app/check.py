@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .config import Config
+from pttd.config import Config
 
 BUTTON_WAIT_S = 10.0
 
@@ -39,8 +39,8 @@ def run_check(cfg: Config, *, mic_seconds: float = 3.0, interactive: bool | None
 
 
 def check_mic(cfg: Config, report: Report, seconds: float) -> None:
-    from .audio import AudioError, RingBuffer, measure_levels
-    from .record import make_source
+    from pttd.audio.capture import AudioError, RingBuffer, measure_levels
+    from pttd.audio.record import make_source
 
     a = cfg.audio
     ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
@@ -67,8 +67,8 @@ def check_mic(cfg: Config, report: Report, seconds: float) -> None:
 
 
 def check_gpio(cfg: Config, report: Report, interactive: bool) -> None:
-    from .events import State
-    from .peripherals import ButtonInput, PeripheralError, StatusLeds, make_pin_factory
+    from pttd.events import State
+    from pttd.frontends.peripherals import ButtonInput, PeripheralError, StatusLeds, make_pin_factory
 
     import threading
 
@@ -111,15 +111,15 @@ def check_gpio(cfg: Config, report: Report, interactive: bool) -> None:
 
 
 def check_server(cfg: Config, report: Report) -> None:
-    from . import protocol
-    from .config import ConfigError, require_api_key
-    from .session import ConnectError, Session
+    from pttd.stt.assemblyai import protocol
+    from pttd.config import ConfigError, require_api_key
+    from pttd.stt.assemblyai.session import ConnectError, Session
 
     engine = None
     url = cfg.stt.url
     if cfg.is_local:
-        from .daemon import StartupError, require_pocketsphinx
-        from .local_engine import LocalEngine
+        from pttd.app.daemon import StartupError, require_pocketsphinx
+        from pttd.local.engine import LocalEngine
 
         try:
             require_pocketsphinx('url = "local"')  # local_engine imports it only when it decodes
@@ -141,7 +141,7 @@ def check_server(cfg: Config, report: Report) -> None:
                                   None if protocol.is_u3(cfg.stt.speech_model)
                                   else cfg.stt.format_turns, cfg.stt.params)
         if cfg.stt.token_url and engine is None:  # fleet mode: a token from the broker
-            from .tokens import TokenSource
+            from pttd.stt.assemblyai.tokens import TokenSource
 
             tokens = TokenSource(cfg.stt.token_url, cfg.stt.token_auth_file, prefetch=False)
             session = Session(tokens.provider(full), cfg.stt.api_key, on_event=lambda s, e: None,

@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import events, protocol
-from .config import Config, ConfigError, require_api_key
-from .controller import Command, Controller, Settings
-from .events import State
-from .service import StopRequest
-from .session import Session
+from pttd import events
+from pttd.stt.assemblyai import protocol
+from pttd.config import Config, ConfigError, require_api_key
+from pttd.core.controller import Command, Controller, Settings
+from pttd.events import State
+from pttd.app.service import StopRequest
+from pttd.stt.assemblyai.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ class Daemon:
     # --- assembly ------------------------------------------------------------------------------
 
     def build(self) -> None:
-        from .audio import AudioError, RingBuffer
-        from .outputs import JournalSink, Outputs, StdoutSink, journal_stream_matches
-        from .service import Notifier
+        from pttd.audio.capture import AudioError, RingBuffer
+        from pttd.outputs.fanout import JournalSink, Outputs, StdoutSink, journal_stream_matches
+        from pttd.app.service import Notifier
 
         cfg = self.cfg
         if self.url_override is None and not cfg.is_local:
@@ -71,7 +72,7 @@ class Daemon:
             self.source = self._make_source()
         except AudioError as exc:
             raise StartupError(str(exc)) from None
-        from .spool import SpoolError, open_spool
+        from pttd.core.spool import SpoolError, open_spool
 
         try:
             spool = open_spool(cfg.spool)  # presses waiting for the network survive restarts
@@ -93,7 +94,7 @@ class Daemon:
                         fallback_retry_s=self.cfg.stt.fallback_retry_s)
 
     def _make_source(self):
-        from .record import make_source
+        from pttd.audio.record import make_source
 
         return make_source(self.cfg, self.ring, on_status=self._on_source_status)
 
@@ -111,7 +112,7 @@ class Daemon:
         # fleet mode: the session fetches its one-use token on its own thread (never here)
         tokens = getattr(self, "_tokens", None)
         if tokens is None:
-            from .tokens import TokenSource
+            from pttd.stt.assemblyai.tokens import TokenSource
 
             tokens = self._tokens = TokenSource(stt.token_url, stt.token_auth_file)
         return Session(tokens.provider(url), stt.api_key, on_event=on_event,
@@ -125,7 +126,7 @@ class Daemon:
             controller.on_source_status(kind, message)
 
     def _on_state(self, state: State, detail: str) -> None:
-        from .service import status_text
+        from pttd.app.service import status_text
 
         self.notifier.status(status_text(state, detail))
         leds = getattr(self, "leds", None)
@@ -136,10 +137,10 @@ class Daemon:
 
     def start(self) -> None:
         """Start everything in contract order; StartupError for what the user must fix."""
-        from .control import ControlError, ControlServer
-        from .peripherals import (ButtonInput, LedThread, PeripheralError, StatusLeds,
+        from pttd.frontends.control import ControlError, ControlServer
+        from pttd.frontends.peripherals import (ButtonInput, LedThread, PeripheralError, StatusLeds,
                                   make_pin_factory)
-        from .service import Watchdog
+        from pttd.app.service import Watchdog
 
         cfg = self.cfg
         if cfg.is_local and self.url_override is None:
@@ -192,14 +193,14 @@ class Daemon:
         out, k = self.cfg.output, self.cfg.kiosk
         sinks: list = []
         if out.hook:
-            from .hook import HookSink
+            from pttd.outputs.hook import HookSink
 
             if shutil.which(out.hook[0]) is None:
                 raise StartupError(f"output.hook: {out.hook[0]} is not an executable program")
             sinks.append(HookSink(out.hook, out.hook_timeout_s, out.hook_retries))
         self.kiosk = None
         if k.listen:
-            from .kiosk import KioskError, KioskServer  # asyncio + websockets: only when used
+            from pttd.frontends.kiosk import KioskError, KioskServer  # asyncio + websockets: only when used
 
             try:
                 self.kiosk = KioskServer(k.listen, lambda cmd: self.controller.command(cmd, "kiosk"),
@@ -213,7 +214,7 @@ class Daemon:
     def _start_kiosk(self) -> None:
         """Its server closes with the outputs (so the last final reaches the page); the "kiosk"
         part only stops its commands, early, like the button."""
-        from .kiosk import KioskError
+        from pttd.frontends.kiosk import KioskError
 
         try:
             self.kiosk.start()
@@ -228,7 +229,7 @@ class Daemon:
         out, sinks = self.cfg.output, []
         self.mqtt = None
         if self.cfg.mqtt.url:
-            from .mqtt import MqttBridge, MqttError
+            from pttd.frontends.mqtt import MqttBridge, MqttError
 
             try:
                 self.mqtt = MqttBridge.from_config(
@@ -237,7 +238,7 @@ class Daemon:
                 raise StartupError(str(exc)) from None
             sinks.append(self.mqtt)
         if out.type:
-            from .typing_sink import TypingError, TypingSink
+            from pttd.outputs.keyboard import TypingError, TypingSink
 
             try:
                 sinks.append(TypingSink.open(out.type_layout, trailing=out.type_trailing,
@@ -259,7 +260,7 @@ class Daemon:
     def _start_local_engine(self) -> str:
         """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
         require_pocketsphinx('stt.url = "local"' if self.cfg.is_local else 'stt.fallback = "local"')
-        from .local_engine import LocalEngine
+        from pttd.local.engine import LocalEngine
 
         engine = LocalEngine(phrases=list(self.cfg.local.phrases))
         engine.start()
@@ -288,7 +289,7 @@ class Daemon:
                     return 0
 
     def _status_now(self) -> str:
-        from .service import status_text
+        from pttd.app.service import status_text
 
         return status_text(self.controller.state, self.controller.state_detail)
 
@@ -352,7 +353,7 @@ class _LateSink:
 def run(cfg: Config, *, url_override: str | None = None, install_signals: bool = True,
         extra_sinks: list | None = None) -> int:
     """Assemble, start, run until SIGTERM/SIGINT, stop. Raises StartupError/ConfigError."""
-    from .service import install_stop_signals
+    from pttd.app.service import install_stop_signals
 
     daemon = Daemon(cfg, extra_sinks=extra_sinks or [], url_override=url_override)
     daemon.build()

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import events
-from .events import State
+from pttd import events
+from pttd.events import State
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def topic(device_id: str, name: str) -> str:
 
 def read_password(path: str) -> str:
     """The broker password from ``password_file`` (first line, stripped); never logged."""
-    from .config import ConfigError, read_text_file
+    from pttd.config import ConfigError, read_text_file
 
     try:
         value = read_text_file(path, "mqtt.password_file:").strip()

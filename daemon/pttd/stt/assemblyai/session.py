@@ -27,9 +27,9 @@ from typing import Callable, Sequence, Union
 
 import websocket
 
-from . import protocol
-from .config import Secret
-from .protocol import ClosePolicy, FinalTurn, Termination, Turn, TurnAssembler
+from pttd.stt.assemblyai import protocol
+from pttd.config import Secret
+from pttd.stt.assemblyai.protocol import ClosePolicy, FinalTurn, Termination, Turn, TurnAssembler
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .convert import FORMATS, ChannelLevel, LevelReport, dbfs
+from pttd.audio.convert import FORMATS, ChannelLevel, LevelReport, dbfs
 
 MAX_PHASES = 1000  # L or M above this would need a huge filter bank: resample with sox first
 

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Iterable, Protocol, TextIO
 
-from .mailbox import Mailbox
+from pttd.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Why: with no key and no internet (``pttd demo``, ``url = "local"``, ``fallback = "local"``) pttd
 still needs real speech recognition behind the same wire protocol, so the daemon cannot tell the
-difference. :mod:`pttd.v3server` does the protocol; this module is only its Recognizer seam.
+difference. :mod:`pttd.local.server` does the protocol; this module is only its Recognizer seam.
 
 Choices, measured on espeak-ng speech (x86, see bench/local_bench.py):
 
@@ -43,8 +43,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .config import ConfigError
-from .v3server import (
+from pttd.config import ConfigError
+from pttd.local.server import (
     Faults,
     HypWord,
     Hypothesis,

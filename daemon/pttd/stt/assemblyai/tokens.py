@@ -38,10 +38,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__
-from .config import Config, ConfigError, Secret, read_text_file
-from .protocol import ClosePolicy
-from .session import UrlError
+from pttd import __version__
+from pttd.config import Config, ConfigError, Secret, read_text_file
+from pttd.stt.assemblyai.protocol import ClosePolicy
+from pttd.stt.assemblyai.session import UrlError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class TokenSource:
         return "token:" + self.token_url
 
     def provider(self, base_url: str) -> Callable[[], str]:
-        """The callable a :class:`~pttd.session.Session` takes as its URL."""
+        """The callable a :class:`~pttd.stt.assemblyai.session.Session` takes as its URL."""
         return lambda: self.connect_url(base_url)
 
     def connect_url(self, base_url: str) -> str:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .mailbox import Mailbox
+from pttd.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 

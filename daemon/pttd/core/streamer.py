@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_samples
+from pttd.stt.assemblyai.protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_samples
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import wave
 from importlib import resources
 from pathlib import Path
 
-from .config import from_dict
+from pttd.config import from_dict
 
 LEAD_MS, GAP_MS, PRESS_EARLY_MS, RELEASE_LATE_MS = 800, 1200, 300, 250
 
@@ -31,11 +31,11 @@ NEXT_STEP = ("Next, on a Raspberry Pi with a mic and a button: sudo ./install.sh
 def run_demo(jsonl: bool = False, out=None) -> int:
     """Exit 0 with every clip's final, 1 if one got none; StartupError (exit 2) without the
     ``[local]`` extra."""
-    from .daemon import require_pocketsphinx
+    from pttd.app.daemon import require_pocketsphinx
 
     out = out or sys.stdout
     require_pocketsphinx("pttd demo")
-    from .local_engine import LocalEngine
+    from pttd.local.engine import LocalEngine
 
     meta = json.loads(_data("demo.json").read_text())
     say = (lambda text: None) if jsonl else (lambda text: print(text, file=out, flush=True))
@@ -54,7 +54,7 @@ def run_demo(jsonl: bool = False, out=None) -> int:
 
 
 def _pass(url: str, tmp: Path, name: str, clips: list[dict], params: dict, jsonl: bool, say):
-    from .daemon import Daemon
+    from pttd.app.daemon import Daemon
 
     mic, spans = _build_mic(tmp / f"{name}.wav", clips)
     sink = _Collector()
