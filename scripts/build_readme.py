@@ -1,11 +1,23 @@
 #!/usr/bin/env python3
 """Assemble README.md from docs/sections/*.md (the sections are the source; edit those)."""
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["00-head.md", "10-how.md", "install.md", "audio.md", "control-and-leds.md",
-         "20-contract.md", "fleet-tokens.md", "systemd.md", "local-engine.md", "kiosk.md", "typing-and-mqtt.md",
-         "90-deps.md"]
+ORDER = [
+    "00-head.md",
+    "10-how.md",
+    "install.md",
+    "audio.md",
+    "control-and-leds.md",
+    "20-contract.md",
+    "fleet-tokens.md",
+    "systemd.md",
+    "local-engine.md",
+    "kiosk.md",
+    "typing-and-mqtt.md",
+    "90-deps.md",
+]
 
 
 def main() -> None:
@@ -19,7 +31,9 @@ def main() -> None:
         for line in part.splitlines():
             if line.startswith("## "):
                 title = line[3:].strip()
-                anchor = "".join(c for c in title.lower().replace(" ", "-") if c.isalnum() or c in "-_")
+                anchor = "".join(
+                    c for c in title.lower().replace(" ", "-") if c.isalnum() or c in "-_"
+                )
                 toc.append(f"- [{title}](#{anchor})")
     text = parts[0] + "\n\n" + "\n".join(toc) + "\n\n" + "\n\n".join(parts[1:]) + "\n"
     (ROOT / "README.md").write_text(text)

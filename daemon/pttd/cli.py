@@ -2,6 +2,7 @@
 
 User mistakes end in one ``pttd: error: ...`` line, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def with_config(p):
-        p.add_argument("-c", "--config", metavar="FILE",
-                       help="config file (default: $PTTD_CONFIG, else /etc/pttd/pttd.toml)")
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="config file (default: $PTTD_CONFIG, else /etc/pttd/pttd.toml)",
+        )
         return p
 
     with_config(sub.add_parser("run", help="the daemon (what systemd runs)"))
@@ -50,17 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("serve-local", help="the offline v3-compatible engine")
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8765)
-    tokens = with_config(sub.add_parser(
-        "serve-tokens", help="token broker for a fleet: one-use AssemblyAI tokens, key stays here"))
+    tokens = with_config(
+        sub.add_parser(
+            "serve-tokens",
+            help="token broker for a fleet: one-use AssemblyAI tokens, key stays here",
+        )
+    )
     tokens.add_argument("--listen", required=True, metavar="HOST:PORT")
-    tokens.add_argument("--devices", required=True, metavar="FILE",
-                        help="'device_id secret' per line, mode 0600")
-    tokens.add_argument("--max-session-s", type=int, default=600, metavar="N",
-                        help="cap on each token's session (60-10800, default 600)")
-    tokens.add_argument("--expires-s", type=int, default=300, metavar="N",
-                        help="how long a token may wait unused (1-600, default 300)")
-    tokens.add_argument("--per-device-per-minute", type=int, default=30, metavar="N",
-                        help="tokens per device per minute before 429 (default 30)")
+    tokens.add_argument(
+        "--devices", required=True, metavar="FILE", help="'device_id secret' per line, mode 0600"
+    )
+    tokens.add_argument(
+        "--max-session-s",
+        type=int,
+        default=600,
+        metavar="N",
+        help="cap on each token's session (60-10800, default 600)",
+    )
+    tokens.add_argument(
+        "--expires-s",
+        type=int,
+        default=300,
+        metavar="N",
+        help="how long a token may wait unused (1-600, default 300)",
+    )
+    tokens.add_argument(
+        "--per-device-per-minute",
+        type=int,
+        default=30,
+        metavar="N",
+        help="tokens per device per minute before 429 (default 30)",
+    )
     tokens.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     tokens.add_argument("--tls-key", metavar="FILE", help="... and this private key")
     return parser
@@ -78,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:  # a bug: one line for the user, the traceback with -v
         log.debug("internal error", exc_info=True)
-        print(f"pttd: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
-              file=sys.stderr)
+        print(
+            f"pttd: internal error: {type(exc).__name__}: {exc} (run with -v for details)",
+            file=sys.stderr,
+        )
         return EXIT_RUNTIME
 
 
@@ -103,6 +130,7 @@ def _load(args):
 
 
 # --- commands --------------------------------------------------------------------------------------
+
 
 def cmd_run(args) -> int:
     from pttd.app.daemon import StartupError, run
@@ -151,8 +179,9 @@ def _socket_path(args) -> str:
     if getattr(args, "socket", None):
         return args.socket
     path = config_path(getattr(args, "config", None))
-    cfg = load_config(path, require_file=getattr(args, "config", None) is not None
-                      or "PTTD_CONFIG" in os.environ)
+    cfg = load_config(
+        path, require_file=getattr(args, "config", None) is not None or "PTTD_CONFIG" in os.environ
+    )
     return cfg.control.socket
 
 
@@ -164,7 +193,7 @@ def cmd_demo(args) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # the demo's own lines tell the story
     try:
         return run_demo(jsonl=args.jsonl)
-    except StartupError as exc:   # e.g. installed without the [local] extra
+    except StartupError as exc:  # e.g. installed without the [local] extra
         raise UsageError(str(exc)) from None
 
 
@@ -197,14 +226,28 @@ def cmd_serve_local(args) -> int:
 def cmd_serve_tokens(args) -> int:
     from pttd.stt.assemblyai.tokens import serve
 
-    return serve(_load(args), args.listen, args.devices, max_session_s=args.max_session_s,
-                 expires_s=args.expires_s, per_device_per_minute=args.per_device_per_minute,
-                 tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return serve(
+        _load(args),
+        args.listen,
+        args.devices,
+        max_session_s=args.max_session_s,
+        expires_s=args.expires_s,
+        per_device_per_minute=args.per_device_per_minute,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
-COMMANDS = {"serve-tokens": cmd_serve_tokens, "run": cmd_run, "demo": cmd_demo, "check": cmd_check, "events": cmd_events,
-            "record": cmd_record, "serve-local": cmd_serve_local,
-            **{name: cmd_control for name in CONTROL_COMMANDS}}
+COMMANDS = {
+    "serve-tokens": cmd_serve_tokens,
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "check": cmd_check,
+    "events": cmd_events,
+    "record": cmd_record,
+    "serve-local": cmd_serve_local,
+    **{name: cmd_control for name in CONTROL_COMMANDS},
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

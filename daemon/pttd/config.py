@@ -4,6 +4,7 @@ Every key is optional and has the contract's default. Unknown sections or keys, 
 out-of-range values raise :class:`ConfigError` naming the key, so ``pttd run -c bad.toml`` can
 exit 2 with one readable line instead of a traceback or a silently ignored typo.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,14 +13,15 @@ import os
 import stat
 import tomllib
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_PATH = "/etc/pttd/pttd.toml"
 CLOUD_URL = "wss://streaming.assemblyai.com/v3/ws"
 CREDENTIAL_NAME = "assemblyai-api-key"
-DEFAULT_KEY_FILE = "/etc/pttd/api-key"   # what the shipped unit loads as that credential
+DEFAULT_KEY_FILE = "/etc/pttd/api-key"  # what the shipped unit loads as that credential
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,7 @@ class Secret:
 
 # --- value checks: each returns an error text or None -------------------------------------------
 
+
 def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
 
@@ -84,7 +87,7 @@ def _url(v: str) -> str | None:
 
 
 def _token_url(v: str) -> str | None:
-    """"" (off), an https:// URL, or http:// to a loopback host (never a secret in clear)."""
+    """ "" (off), an https:// URL, or http:// to a loopback host (never a secret in clear)."""
     if v == "":
         return None
     try:
@@ -98,8 +101,10 @@ def _token_url(v: str) -> str | None:
         from pttd.stt.assemblyai.tokens import is_loopback_host
 
         if not is_loopback_host(parts.hostname):
-            return "must be https:// (http:// only to a loopback host: the secret and the token " \
-                   "would cross the network in clear)"
+            return (
+                "must be https:// (http:// only to a loopback host: the secret and the token "
+                "would cross the network in clear)"
+            )
     return None
 
 
@@ -122,25 +127,30 @@ def _opt(default: Any, check: Callable[[Any], str | None] | None = None, doc: st
 
 # --- sections ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SttConfig:
-    url: str = _opt(CLOUD_URL, _url, "v3 endpoint, or \"local\" for the offline engine")
+    url: str = _opt(CLOUD_URL, _url, 'v3 endpoint, or "local" for the offline engine')
     api_key: Secret = field(default_factory=Secret, metadata={"check": None, "doc": "inline key"})
     api_key_file: str = _opt("", None, "file holding the key")
-    speech_model: str = _opt("universal-streaming-english",
-                             lambda v: None if v.strip() else "must not be empty",
-                             "always sent: the server default changed several times in 2026")
+    speech_model: str = _opt(
+        "universal-streaming-english",
+        lambda v: None if v.strip() else "must not be empty",
+        "always sent: the server default changed several times in 2026",
+    )
     format_turns: bool = _opt(True)
     keep_warm_s: float = _opt(0.0, _between(0, 3600), "keep the session this long after a turn")
     fallback: str = _opt("", _one_of("", "local"))
-    fallback_retry_s: float = _opt(30.0, _between(1, 3600),
-                                   "after a cloud failure, use the local engine this long")
+    fallback_retry_s: float = _opt(
+        30.0, _between(1, 3600), "after a cloud failure, use the local engine this long"
+    )
     params: dict = _opt({}, None, "other v3 query parameters, passed through")
     # fleet mode (issue 24): a one-use temporary token per session from this URL, no key here
     token_url: str = _opt("", lambda v: _token_url(v), "GET -> {token, expires_in_seconds}")
     token_auth_file: str = _opt("", None, "sent to token_url as Authorization: Bearer <content>")
-    sessions_per_minute: int = _opt(0, _between(0, 100000),
-                                    "the account's new-session limit; 0 = learn it (3009)")
+    sessions_per_minute: int = _opt(
+        0, _between(0, 100000), "the account's new-session limit; 0 = learn it (3009)"
+    )
 
 
 @dataclass(frozen=True)
@@ -190,8 +200,9 @@ class GpioConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = _opt("/run/pttd/control.sock",
-                       lambda v: None if v.strip() else "must not be empty")
+    socket: str = _opt(
+        "/run/pttd/control.sock", lambda v: None if v.strip() else "must not be empty"
+    )
 
 
 @dataclass(frozen=True)
@@ -216,21 +227,23 @@ def _listen(v: str) -> str | None:
 
 
 def _origin_list(v: list) -> str | None:
-    if all(isinstance(x, str) and x.startswith(("http://", "https://")) and x.count("/") == 2
-           for x in v):
+    if all(
+        isinstance(x, str) and x.startswith(("http://", "https://")) and x.count("/") == 2
+        for x in v
+    ):
         return None
     return 'must list origins like "http://localhost:3000" (scheme://host[:port], no path)'
 
 
 @dataclass(frozen=True)
 class KioskConfig:
-    listen: str = _opt("", _listen, "HOST:PORT of the kiosk page and WebSocket; \"\" = off")
+    listen: str = _opt("", _listen, 'HOST:PORT of the kiosk page and WebSocket; "" = off')
     token: str = _opt("", None, "required from clients when set; required for non-loopback listen")
     allowed_origins: list = _opt([], _origin_list, "extra browser origins allowed on /ws")
 
 
 def _mqtt_url(v: str) -> str | None:
-    """"" (off) or a URL mqtt.parse_url accepts (it imports no MQTT library)."""
+    """ "" (off) or a URL mqtt.parse_url accepts (it imports no MQTT library)."""
     if v == "" or "@" in v:
         return None  # credentials in the URL: the daemon refuses it without echoing them
     from pttd.frontends.mqtt import MqttError, parse_url
@@ -248,8 +261,8 @@ def _topic_level(v: str) -> str | None:
 
 @dataclass(frozen=True)
 class MqttConfig:
-    url: str = _opt("", _mqtt_url, "mqtt://host[:1883] or mqtts://host[:8883]; \"\" = off")
-    device_id: str = _opt("", _topic_level, "topic level pttd/<device_id>/...; \"\" = hostname")
+    url: str = _opt("", _mqtt_url, 'mqtt://host[:1883] or mqtts://host[:8883]; "" = off')
+    device_id: str = _opt("", _topic_level, 'topic level pttd/<device_id>/...; "" = hostname')
     username: str = _opt("")
     password_file: str = _opt("", None, "file holding the broker password (needs username)")
     publish_partials: bool = _opt(False, None, "also publish partials (QoS 0)")
@@ -268,9 +281,14 @@ def _abs_dir(v: str) -> str | None:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    dir: str = _opt("/var/lib/pttd/spool", _abs_dir,
-                    "presses waiting for the network survive restarts; \"\" = memory only")
-    max_mb: float = _opt(64.0, _between(0.01, 1048576), "the oldest waiting press is dropped past it")
+    dir: str = _opt(
+        "/var/lib/pttd/spool",
+        _abs_dir,
+        'presses waiting for the network survive restarts; "" = memory only',
+    )
+    max_mb: float = _opt(
+        64.0, _between(0.01, 1048576), "the oldest waiting press is dropped past it"
+    )
     max_age_h: float = _opt(24.0, _between(0.01, 8760), "older waiting presses are dropped")
 
 
@@ -295,18 +313,31 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    "stt": SttConfig, "audio": AudioConfig, "button": ButtonConfig, "leds": LedsConfig,
-    "gpio": GpioConfig, "control": ControlConfig, "output": OutputConfig, "kiosk": KioskConfig,
-    "mqtt": MqttConfig, "local": LocalConfig, "spool": SpoolConfig,
+    "stt": SttConfig,
+    "audio": AudioConfig,
+    "button": ButtonConfig,
+    "leds": LedsConfig,
+    "gpio": GpioConfig,
+    "control": ControlConfig,
+    "output": OutputConfig,
+    "kiosk": KioskConfig,
+    "mqtt": MqttConfig,
+    "local": LocalConfig,
+    "spool": SpoolConfig,
 }
 
 # Query parameters that pttd sets itself; passing them through [stt] params would fight it.
-_OWN_PARAMS = {"speech_model": "stt.speech_model", "format_turns": "stt.format_turns",
-               "sample_rate": "audio.sample_rate", "encoding": "(always pcm_s16le)",
-               "token": "(use stt.token_url)"}
+_OWN_PARAMS = {
+    "speech_model": "stt.speech_model",
+    "format_turns": "stt.format_turns",
+    "sample_rate": "audio.sample_rate",
+    "encoding": "(always pcm_s16le)",
+    "token": "(use stt.token_url)",
+}
 
 
 # --- loading -------------------------------------------------------------------------------------
+
 
 def config_path(explicit: str | None, environ: dict | None = None) -> str:
     """The contract's order: ``-c``, else ``$PTTD_CONFIG``, else /etc/pttd/pttd.toml."""
@@ -314,7 +345,9 @@ def config_path(explicit: str | None, environ: dict | None = None) -> str:
     return explicit or environ.get("PTTD_CONFIG") or DEFAULT_PATH
 
 
-def load_config(path: str | None, environ: dict | None = None, *, require_file: bool = True) -> Config:
+def load_config(
+    path: str | None, environ: dict | None = None, *, require_file: bool = True
+) -> Config:
     """Read and validate a TOML file; ``path=None`` gives the defaults."""
     if path is None:
         return from_dict({}, environ=environ)
@@ -336,7 +369,9 @@ def _read_toml(path: str, require_file: bool) -> dict:
         text = read_text_file(path, "config file")
     except FileNotFoundError:
         if require_file:
-            raise ConfigError(f"config file {path} not found (pass -c FILE or set PTTD_CONFIG)") from None
+            raise ConfigError(
+                f"config file {path} not found (pass -c FILE or set PTTD_CONFIG)"
+            ) from None
         return {}
     try:
         return tomllib.loads(text)
@@ -372,8 +407,9 @@ def read_text_file(path: str | os.PathLike, what: str, limit: int = MAX_FILE_BYT
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid UTF-8 (at byte {exc.start}); "
-                          f"save it as UTF-8") from None
+        raise ConfigError(
+            f"{what} {path} is not valid UTF-8 (at byte {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def _os_reason(exc: OSError) -> str:
@@ -421,7 +457,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {_ARTICLE[expected]}, not {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{key} must be {_ARTICLE[expected]}, not {type(value).__name__} {value!r}"
+        )
     check = f.metadata.get("check")
     problem = check(value) if check else None
     if problem:
@@ -429,25 +467,43 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-_TYPE_NAMES = {"str": str, "bool": bool, "int": int, "float": float, "list": list, "dict": dict,
-               "Secret": Secret}
-_ARTICLE = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
-            list: "a list", dict: "a table", Secret: "a string"}
+_TYPE_NAMES = {
+    "str": str,
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "list": list,
+    "dict": dict,
+    "Secret": Secret,
+}
+_ARTICLE = {
+    str: "a string",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "a table",
+    Secret: "a string",
+}
 
 
 def _cross_checks(cfg: Config) -> None:
     a = cfg.audio
     if a.channel >= a.capture_channels:
-        raise ConfigError(f"audio.channel = {a.channel}: capture_channels is {a.capture_channels}, "
-                          f"so channel must be 0{' or 1' if a.capture_channels == 2 else ''}")
+        raise ConfigError(
+            f"audio.channel = {a.channel}: capture_channels is {a.capture_channels}, "
+            f"so channel must be 0{' or 1' if a.capture_channels == 2 else ''}"
+        )
     if a.source == "wav" and not a.wav:
         raise ConfigError('audio.wav must name a WAV file when audio.source = "wav"')
     if a.preroll_ms + a.postroll_ms >= a.ring_seconds * 1000 // 2:
         raise ConfigError("audio.preroll_ms + postroll_ms must be under half of ring_seconds")
     want = {"led": 1, "pwm": 1, "rgb": 3}.get(cfg.leds.kind)
     if want is not None and len(cfg.leds.pins) != want:
-        raise ConfigError(f"leds.pins must list {want} pin{'s' if want > 1 else ''} "
-                          f"for kind = {cfg.leds.kind!r}, got {cfg.leds.pins}")
+        raise ConfigError(
+            f"leds.pins must list {want} pin{'s' if want > 1 else ''} "
+            f"for kind = {cfg.leds.kind!r}, got {cfg.leds.pins}"
+        )
     _check_led_patterns(cfg.leds)
     for p, owner in _OWN_PARAMS.items():
         if p in cfg.stt.params:
@@ -465,7 +521,9 @@ def _check_led_patterns(leds: LedsConfig) -> None:
     states = {s.value for s in State}
     for state, pattern in leds.patterns.items():
         if state not in states:
-            raise ConfigError(f"leds.patterns.{state}: unknown state (known: {', '.join(sorted(states))})")
+            raise ConfigError(
+                f"leds.patterns.{state}: unknown state (known: {', '.join(sorted(states))})"
+            )
         if not isinstance(pattern, str):
             raise ConfigError(f"leds.patterns.{state} must be a string")
         try:
@@ -496,8 +554,10 @@ def _is_loopback(listen: str) -> bool:
 
 def _check_token_mode(stt: SttConfig) -> None:
     if stt.api_key or stt.api_key_file:
-        raise ConfigError("stt.token_url is set: remove stt.api_key / stt.api_key_file "
-                          "(in fleet mode the key stays on the token broker)")
+        raise ConfigError(
+            "stt.token_url is set: remove stt.api_key / stt.api_key_file "
+            "(in fleet mode the key stays on the token broker)"
+        )
     if stt.url == "local":
         raise ConfigError('stt.token_url needs a cloud stt.url, not "local"')
     if stt.token_auth_file:
@@ -520,8 +580,9 @@ def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_NAME).exists():
         # the shipped tmpfiles snippet creates /etc/pttd/api-key empty: that means "no key yet"
-        return _read_key(Path(cred_dir) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}",
-                         allow_empty=True)
+        return _read_key(
+            Path(cred_dir) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}", allow_empty=True
+        )
     # `pttd check` run by hand (outside the unit) finds the key where the installer put it
     if os.access(DEFAULT_KEY_FILE, os.R_OK):
         return _read_key(Path(DEFAULT_KEY_FILE), DEFAULT_KEY_FILE, allow_empty=True)
@@ -542,7 +603,9 @@ def require_api_key(cfg: Config) -> None:
     """A cloud URL needs a key; say where one can go (without ever showing one)."""
     if cfg.is_local or cfg.stt.api_key or cfg.stt.token_url:
         return
-    raise ConfigError("no AssemblyAI API key: set stt.api_key_file (or stt.api_key), "
-                      "$ASSEMBLYAI_API_KEY, or the systemd credential "
-                      f"{CREDENTIAL_NAME} (/etc/pttd/api-key with the shipped unit); "
-                      'or use url = "local" for the offline engine')
+    raise ConfigError(
+        "no AssemblyAI API key: set stt.api_key_file (or stt.api_key), "
+        "$ASSEMBLYAI_API_KEY, or the systemd credential "
+        f"{CREDENTIAL_NAME} (/etc/pttd/api-key with the shipped unit); "
+        'or use url = "local" for the offline engine'
+    )

@@ -3,6 +3,7 @@
 Every output (stdout, journald, control-socket subscribers, kiosk, MQTT) receives the same
 plain dicts built here, so the wire shape lives in one place.
 """
+
 from __future__ import annotations
 
 import enum
@@ -25,25 +26,55 @@ def state_event(state: State, ts: float | None = None) -> dict:
 
 
 def partial_event(text: str, turn_order: int, session_id: str, ts: float | None = None) -> dict:
-    return {"event": "partial", "text": text, "turn_order": turn_order,
-            "session_id": session_id, "ts": _ts(ts)}
+    return {
+        "event": "partial",
+        "text": text,
+        "turn_order": turn_order,
+        "session_id": session_id,
+        "ts": _ts(ts),
+    }
 
 
-def final_event(text: str, turn_order: int, session_id: str, press_id: int,
-                audio_ms: int, latency_ms: int, ts: float | None = None, **extra) -> dict:
+def final_event(
+    text: str,
+    turn_order: int,
+    session_id: str,
+    press_id: int,
+    audio_ms: int,
+    latency_ms: int,
+    ts: float | None = None,
+    **extra,
+) -> dict:
     """A delivered final turn. ``extra`` carries compatible additions (e.g. ``late``, ``gap_ms``)."""
-    event = {"event": "final", "text": text, "turn_order": turn_order, "session_id": session_id,
-             "press_id": press_id, "audio_ms": int(audio_ms), "latency_ms": int(latency_ms),
-             "ts": _ts(ts)}
+    event = {
+        "event": "final",
+        "text": text,
+        "turn_order": turn_order,
+        "session_id": session_id,
+        "press_id": press_id,
+        "audio_ms": int(audio_ms),
+        "latency_ms": int(latency_ms),
+        "ts": _ts(ts),
+    }
     event.update(extra)
     return event
 
 
-def error_event(code: int | None, message: str, retry_in_s: float | None = None,
-                ts: float | None = None, press_id: int | None = None) -> dict:
+def error_event(
+    code: int | None,
+    message: str,
+    retry_in_s: float | None = None,
+    ts: float | None = None,
+    press_id: int | None = None,
+) -> dict:
     """An error. ``press_id`` is given when the error ends that press (it then gets no final)."""
-    event = {"event": "error", "code": code, "message": message,
-             "retry_in_s": None if retry_in_s is None else float(retry_in_s), "ts": _ts(ts)}
+    event = {
+        "event": "error",
+        "code": code,
+        "message": message,
+        "retry_in_s": None if retry_in_s is None else float(retry_in_s),
+        "ts": _ts(ts),
+    }
     if press_id is not None:
         event["press_id"] = press_id
     return event

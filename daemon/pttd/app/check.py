@@ -4,6 +4,7 @@ Config, mic (live level meter), GPIO (LEDs cycle through the states; a button pr
 for on a terminal), and the server (Begin, then Terminate: the key is accepted). Exit 0 only
 when nothing failed. It opens a session, the one place besides a press that does.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,8 +29,9 @@ class Report:
         self.out.flush()
 
 
-def run_check(cfg: Config, *, mic_seconds: float = 3.0, interactive: bool | None = None,
-              out=None) -> int:
+def run_check(
+    cfg: Config, *, mic_seconds: float = 3.0, interactive: bool | None = None, out=None
+) -> int:
     report = Report(out)
     report.line("PASS", "config", cfg.path or "(defaults)")
     check_mic(cfg, report, mic_seconds)
@@ -47,12 +49,19 @@ def check_mic(cfg: Config, report: Report, seconds: float) -> None:
     what = a.wav if a.source == "wav" else a.device
     try:
         source = make_source(cfg, ring)
-        levels = measure_levels(source, seconds=seconds, interval=0.5,
-                                on_update=lambda r: report.out.write(f"{'':14}{r.line()}\n"))
+        levels = measure_levels(
+            source,
+            seconds=seconds,
+            interval=0.5,
+            on_update=lambda r: report.out.write(f"{'':14}{r.line()}\n"),
+        )
     except AudioError as exc:
-        report.line("FAIL", "mic", f"{what}: {exc}",
-                    "check audio.device (`arecord -L`), the dtoverlay and the wiring "
-                    "(hardware/wiring.md)")
+        report.line(
+            "FAIL",
+            "mic",
+            f"{what}: {exc}",
+            "check audio.device (`arecord -L`), the dtoverlay and the wiring (hardware/wiring.md)",
+        )
         return
     if levels.frames == 0:
         report.line("FAIL", "mic", f"{what}: no audio", "check audio.device and the wiring")
@@ -67,52 +76,80 @@ def check_mic(cfg: Config, report: Report, seconds: float) -> None:
 
 
 def check_gpio(cfg: Config, report: Report, interactive: bool) -> None:
-    from pttd.events import State
-    from pttd.frontends.peripherals import ButtonInput, PeripheralError, StatusLeds, make_pin_factory
-
     import threading
+
+    from pttd.events import State
+    from pttd.frontends.peripherals import (
+        ButtonInput,
+        PeripheralError,
+        StatusLeds,
+        make_pin_factory,
+    )
 
     pressed = threading.Event()
     try:
         factory = make_pin_factory(cfg.gpio.pin_factory)
-        leds = StatusLeds(kind=cfg.leds.kind, pins=list(cfg.leds.pins),
-                          active_high=cfg.leds.active_high, patterns=dict(cfg.leds.patterns),
-                          pin_factory=factory)
-        button = ButtonInput(pin=cfg.button.pin, pull_up=cfg.button.pull_up,
-                             bounce_ms=cfg.button.bounce_ms, on_press=pressed.set,
-                             on_release=lambda: None, pin_factory=factory)
+        leds = StatusLeds(
+            kind=cfg.leds.kind,
+            pins=list(cfg.leds.pins),
+            active_high=cfg.leds.active_high,
+            patterns=dict(cfg.leds.patterns),
+            pin_factory=factory,
+        )
+        button = ButtonInput(
+            pin=cfg.button.pin,
+            pull_up=cfg.button.pull_up,
+            bounce_ms=cfg.button.bounce_ms,
+            on_press=pressed.set,
+            on_release=lambda: None,
+            pin_factory=factory,
+        )
     except (PeripheralError, ValueError) as exc:
-        report.line("FAIL", "gpio", str(exc),
-                    "is the pin free and the user in group gpio? set [gpio] pin_factory")
+        report.line(
+            "FAIL",
+            "gpio",
+            str(exc),
+            "is the pin free and the user in group gpio? set [gpio] pin_factory",
+        )
         return
     try:
         for state in State:
             leds.show(state)
             time.sleep(0.3 if interactive else 0.0)  # so a person can see each state
         leds.show(State.IDLE)
-        report.line("PASS", "leds", f"{cfg.leds.kind} on {cfg.leds.pins} cycled through every state")
+        report.line(
+            "PASS", "leds", f"{cfg.leds.kind} on {cfg.leds.pins} cycled through every state"
+        )
         if cfg.gpio.pin_factory == "mock":
             report.line("PASS", "button", f"GPIO{cfg.button.pin} (mock pins: nothing to press)")
         elif not interactive:
-            report.line("SKIP", "button", f"GPIO{cfg.button.pin}: not a terminal, no press asked for")
+            report.line(
+                "SKIP", "button", f"GPIO{cfg.button.pin}: not a terminal, no press asked for"
+            )
         else:
-            report.out.write(f"{'':14}press the button on GPIO{cfg.button.pin} "
-                             f"within {BUTTON_WAIT_S:.0f} s ...\n")
+            report.out.write(
+                f"{'':14}press the button on GPIO{cfg.button.pin} "
+                f"within {BUTTON_WAIT_S:.0f} s ...\n"
+            )
             report.out.flush()
             if pressed.wait(BUTTON_WAIT_S):
                 report.line("PASS", "button", f"GPIO{cfg.button.pin} press seen")
             else:
-                report.line("FAIL", "button", f"no press seen on GPIO{cfg.button.pin}",
-                            "button between the pin and GND with pull_up = true "
-                            "(or to 3V3 with pull_up = false)")
+                report.line(
+                    "FAIL",
+                    "button",
+                    f"no press seen on GPIO{cfg.button.pin}",
+                    "button between the pin and GND with pull_up = true "
+                    "(or to 3V3 with pull_up = false)",
+                )
     finally:
         button.close()
         leds.close()
 
 
 def check_server(cfg: Config, report: Report) -> None:
-    from pttd.stt.assemblyai import protocol
     from pttd.config import ConfigError, require_api_key
+    from pttd.stt.assemblyai import protocol
     from pttd.stt.assemblyai.session import ConnectError, Session
 
     engine = None
@@ -124,8 +161,9 @@ def check_server(cfg: Config, report: Report) -> None:
         try:
             require_pocketsphinx('url = "local"')  # local_engine imports it only when it decodes
         except StartupError as exc:
-            report.line("FAIL", "server", f"offline engine unavailable: {exc}",
-                        "pip install 'pttd[local]'")
+            report.line(
+                "FAIL", "server", f"offline engine unavailable: {exc}", "pip install 'pttd[local]'"
+            )
             return
         engine = LocalEngine(phrases=list(cfg.local.phrases))
         engine.start()
@@ -137,38 +175,59 @@ def check_server(cfg: Config, report: Report) -> None:
             report.line("FAIL", "key", str(exc), "put the key in /etc/pttd/api-key")
             return
     try:
-        full = protocol.build_url(url, cfg.stt.speech_model, cfg.audio.sample_rate,
-                                  None if protocol.is_u3(cfg.stt.speech_model)
-                                  else cfg.stt.format_turns, cfg.stt.params)
+        full = protocol.build_url(
+            url,
+            cfg.stt.speech_model,
+            cfg.audio.sample_rate,
+            None if protocol.is_u3(cfg.stt.speech_model) else cfg.stt.format_turns,
+            cfg.stt.params,
+        )
         if cfg.stt.token_url and engine is None:  # fleet mode: a token from the broker
             from pttd.stt.assemblyai.tokens import TokenSource
 
             tokens = TokenSource(cfg.stt.token_url, cfg.stt.token_auth_file, prefetch=False)
-            session = Session(tokens.provider(full), cfg.stt.api_key, on_event=lambda s, e: None,
-                              sample_rate=cfg.audio.sample_rate,
-                              credential_id=tokens.credential_id)
+            session = Session(
+                tokens.provider(full),
+                cfg.stt.api_key,
+                on_event=lambda s, e: None,
+                sample_rate=cfg.audio.sample_rate,
+                credential_id=tokens.credential_id,
+            )
         else:
-            session = Session(full, cfg.stt.api_key, on_event=lambda s, e: None,
-                              sample_rate=cfg.audio.sample_rate)
+            session = Session(
+                full, cfg.stt.api_key, on_event=lambda s, e: None, sample_rate=cfg.audio.sample_rate
+            )
         started = time.monotonic()
         try:
             begin = session.connect()
         except ConnectError as exc:
-            fix = {"auth": ("check stt.token_auth_file against the broker's devices file"
-                            if cfg.stt.token_url else
-                            "check the key in /etc/pttd/api-key and the account balance"),
-                   "config": "check stt.url, stt.speech_model and stt.params",
-                   "rate_limited": "wait a minute; too many sessions were opened",
-                   "transport": "check the network, DNS and the clock (TLS needs the time)"}
-            report.line("FAIL", "server", f"{cfg.stt.url}: {exc}",
-                        fix.get(exc.closed.policy.kind, "see journalctl -u pttd"))
+            fix = {
+                "auth": (
+                    "check stt.token_auth_file against the broker's devices file"
+                    if cfg.stt.token_url
+                    else "check the key in /etc/pttd/api-key and the account balance"
+                ),
+                "config": "check stt.url, stt.speech_model and stt.params",
+                "rate_limited": "wait a minute; too many sessions were opened",
+                "transport": "check the network, DNS and the clock (TLS needs the time)",
+            }
+            report.line(
+                "FAIL",
+                "server",
+                f"{cfg.stt.url}: {exc}",
+                fix.get(exc.closed.policy.kind, "see journalctl -u pttd"),
+            )
             return
         took = (time.monotonic() - started) * 1000
         model = begin.configuration.model if begin.configuration else cfg.stt.speech_model
         term = session.terminate(timeout=5)
-        report.line("PASS", "server", f"{cfg.stt.url}: key accepted, session {begin.id} "
-                    f"({model}) opened in {took:.0f} ms"
-                    f"{', terminated' if term else ', closed (no Termination)'}")
+        report.line(
+            "PASS",
+            "server",
+            f"{cfg.stt.url}: key accepted, session {begin.id} "
+            f"({model}) opened in {took:.0f} ms"
+            f"{', terminated' if term else ', closed (no Termination)'}",
+        )
     finally:
         if engine is not None:
             engine.stop()

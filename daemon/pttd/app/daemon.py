@@ -4,20 +4,20 @@ Start order follows the contract: capture first (a WAV source starts playing), t
 control socket, and READY=1 only once the mic has delivered audio. No session is opened until
 the first press. Stop order is the reverse, each part joined with a timeout, all within 5 s.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from pttd import events
-from pttd.stt.assemblyai import protocol
-from pttd.config import Config, ConfigError, require_api_key
+from pttd.app.service import StopRequest
+from pttd.config import Config, require_api_key
 from pttd.core.controller import Command, Controller, Settings
 from pttd.events import State
-from pttd.app.service import StopRequest
+from pttd.stt.assemblyai import protocol
 from pttd.stt.assemblyai.session import Session
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ class Daemon:
     # --- assembly ------------------------------------------------------------------------------
 
     def build(self) -> None:
+        from pttd.app.service import Notifier
         from pttd.audio.capture import AudioError, RingBuffer
         from pttd.outputs.fanout import JournalSink, Outputs, StdoutSink, journal_stream_matches
-        from pttd.app.service import Notifier
 
         cfg = self.cfg
         if self.url_override is None and not cfg.is_local:
@@ -79,19 +79,29 @@ class Daemon:
         except SpoolError as exc:
             raise StartupError(str(exc)) from None
         self.controller = Controller(
-            ring=self.ring, settings=self._settings(), session_factory=self._new_session,
-            emit=self.outputs.emit, emit_confirmed=self.outputs.emit, on_state=self._on_state,
-            spool=spool)
+            ring=self.ring,
+            settings=self._settings(),
+            session_factory=self._new_session,
+            emit=self.outputs.emit,
+            emit_confirmed=self.outputs.emit,
+            on_state=self._on_state,
+            spool=spool,
+        )
 
     def _settings(self) -> Settings:
         a = self.cfg.audio
-        return Settings(sample_rate=a.sample_rate, chunk_ms=a.chunk_ms, preroll_ms=a.preroll_ms,
-                        postroll_ms=a.postroll_ms, keep_warm_s=self.cfg.stt.keep_warm_s,
-                        sessions_per_minute=self.cfg.stt.sessions_per_minute,
-                        session_budget=not self.cfg.is_local,
-                        button_mode=self.cfg.button.mode,
-                        fallback=self.cfg.stt.fallback == "local" and not self.cfg.is_local,
-                        fallback_retry_s=self.cfg.stt.fallback_retry_s)
+        return Settings(
+            sample_rate=a.sample_rate,
+            chunk_ms=a.chunk_ms,
+            preroll_ms=a.preroll_ms,
+            postroll_ms=a.postroll_ms,
+            keep_warm_s=self.cfg.stt.keep_warm_s,
+            sessions_per_minute=self.cfg.stt.sessions_per_minute,
+            session_budget=not self.cfg.is_local,
+            button_mode=self.cfg.button.mode,
+            fallback=self.cfg.stt.fallback == "local" and not self.cfg.is_local,
+            fallback_retry_s=self.cfg.stt.fallback_retry_s,
+        )
 
     def _make_source(self):
         from pttd.audio.record import make_source
@@ -103,22 +113,35 @@ class Daemon:
         base = self.local_url if engine == "local" else (self.url_override or stt.url)
         u3 = protocol.is_u3(stt.speech_model)
         # U3 Pro models always format and the migration guide says not to send format_turns
-        url = protocol.build_url(base, stt.speech_model, self.cfg.audio.sample_rate,
-                                 None if u3 else stt.format_turns, stt.params)
+        url = protocol.build_url(
+            base,
+            stt.speech_model,
+            self.cfg.audio.sample_rate,
+            None if u3 else stt.format_turns,
+            stt.params,
+        )
         if engine == "local" or not stt.token_url:
-            return Session(url, stt.api_key, on_event=on_event,
-                           sample_rate=self.cfg.audio.sample_rate,
-                           format_turns=stt.format_turns and not u3)
+            return Session(
+                url,
+                stt.api_key,
+                on_event=on_event,
+                sample_rate=self.cfg.audio.sample_rate,
+                format_turns=stt.format_turns and not u3,
+            )
         # fleet mode: the session fetches its one-use token on its own thread (never here)
         tokens = getattr(self, "_tokens", None)
         if tokens is None:
             from pttd.stt.assemblyai.tokens import TokenSource
 
             tokens = self._tokens = TokenSource(stt.token_url, stt.token_auth_file)
-        return Session(tokens.provider(url), stt.api_key, on_event=on_event,
-                       sample_rate=self.cfg.audio.sample_rate,
-                       format_turns=stt.format_turns and not u3,
-                       credential_id=tokens.credential_id)
+        return Session(
+            tokens.provider(url),
+            stt.api_key,
+            on_event=on_event,
+            sample_rate=self.cfg.audio.sample_rate,
+            format_turns=stt.format_turns and not u3,
+            credential_id=tokens.credential_id,
+        )
 
     def _on_source_status(self, kind: str, message: str) -> None:
         controller = getattr(self, "controller", None)
@@ -137,10 +160,15 @@ class Daemon:
 
     def start(self) -> None:
         """Start everything in contract order; StartupError for what the user must fix."""
-        from pttd.frontends.control import ControlError, ControlServer
-        from pttd.frontends.peripherals import (ButtonInput, LedThread, PeripheralError, StatusLeds,
-                                  make_pin_factory)
         from pttd.app.service import Watchdog
+        from pttd.frontends.control import ControlError, ControlServer
+        from pttd.frontends.peripherals import (
+            ButtonInput,
+            LedThread,
+            PeripheralError,
+            StatusLeds,
+            make_pin_factory,
+        )
 
         cfg = self.cfg
         if cfg.is_local and self.url_override is None:
@@ -151,17 +179,26 @@ class Daemon:
         self._parts.append(("capture", self.source.stop))
         try:
             factory = make_pin_factory(cfg.gpio.pin_factory)
-            self.leds = LedThread(StatusLeds(
-                kind=cfg.leds.kind, pins=list(cfg.leds.pins), active_high=cfg.leds.active_high,
-                patterns=dict(cfg.leds.patterns), pin_factory=factory))
+            self.leds = LedThread(
+                StatusLeds(
+                    kind=cfg.leds.kind,
+                    pins=list(cfg.leds.pins),
+                    active_high=cfg.leds.active_high,
+                    patterns=dict(cfg.leds.patterns),
+                    pin_factory=factory,
+                )
+            )
             self.leds.start()
             self._parts.append(("leds", self.leds.close))
             self.leds.show(self.controller.state)
             self.button = ButtonInput(
-                pin=cfg.button.pin, pull_up=cfg.button.pull_up, bounce_ms=cfg.button.bounce_ms,
+                pin=cfg.button.pin,
+                pull_up=cfg.button.pull_up,
+                bounce_ms=cfg.button.bounce_ms,
                 on_press=lambda: self.controller.post(Command("press", "button")),
                 on_release=lambda: self.controller.post(Command("release", "button")),
-                pin_factory=factory)
+                pin_factory=factory,
+            )
             self._parts.append(("button", self.button.close))
         except (PeripheralError, ValueError) as exc:
             raise StartupError(f"GPIO: {exc}") from None
@@ -200,12 +237,19 @@ class Daemon:
             sinks.append(HookSink(out.hook, out.hook_timeout_s, out.hook_retries))
         self.kiosk = None
         if k.listen:
-            from pttd.frontends.kiosk import KioskError, KioskServer  # asyncio + websockets: only when used
+            from pttd.frontends.kiosk import (
+                KioskError,
+                KioskServer,
+            )  # asyncio + websockets: only when used
 
             try:
-                self.kiosk = KioskServer(k.listen, lambda cmd: self.controller.command(cmd, "kiosk"),
-                                         token=k.token, allowed_origins=k.allowed_origins,
-                                         status=lambda: self.controller.waiting)
+                self.kiosk = KioskServer(
+                    k.listen,
+                    lambda cmd: self.controller.command(cmd, "kiosk"),
+                    token=k.token,
+                    allowed_origins=k.allowed_origins,
+                    status=lambda: self.controller.waiting,
+                )
             except KioskError as exc:
                 raise StartupError(str(exc)) from None
             sinks.append(self.kiosk)
@@ -233,7 +277,8 @@ class Daemon:
 
             try:
                 self.mqtt = MqttBridge.from_config(
-                    self.cfg.mqtt, on_command=lambda cmd: self.controller.command(cmd, "mqtt"))
+                    self.cfg.mqtt, on_command=lambda cmd: self.controller.command(cmd, "mqtt")
+                )
             except MqttError as exc:
                 raise StartupError(str(exc)) from None
             sinks.append(self.mqtt)
@@ -241,9 +286,14 @@ class Daemon:
             from pttd.outputs.keyboard import TypingError, TypingSink
 
             try:
-                sinks.append(TypingSink.open(out.type_layout, trailing=out.type_trailing,
-                                             partials=out.type_partials,
-                                             delay_ms=out.type_delay_ms))
+                sinks.append(
+                    TypingSink.open(
+                        out.type_layout,
+                        trailing=out.type_trailing,
+                        partials=out.type_partials,
+                        delay_ms=out.type_delay_ms,
+                    )
+                )
             except TypingError as exc:
                 raise StartupError(str(exc)) from None
         return sinks
@@ -281,8 +331,10 @@ class Daemon:
                 # READY once the mic delivers audio; a mic that is missing at start still gets
                 # the unit "active" (STATUS=offline: ...) so it stays up and retries instead of
                 # looping
-                if not ready and (self.source.first_audio.is_set()
-                                  or getattr(self.source, "state", "") == "offline"):
+                if not ready and (
+                    self.source.first_audio.is_set()
+                    or getattr(self.source, "state", "") == "offline"
+                ):
                     ready = True
                     self.notifier.ready(self._status_now())
                 if self._stop.wait(None if ready else 0.05):
@@ -298,8 +350,17 @@ class Daemon:
     # closes in outputs.close()), then the rest; capture last so the turn has its audio.
     # "mqtt" stops only MQTT commands; its connection (like the typing keyboard) closes in
     # outputs.close(), after the sink's worker has delivered the last final.
-    _STOP_ORDER = ("button", "kiosk", "mqtt", "controller", "control", "watchdog", "leds",
-                   "capture", "engine")
+    _STOP_ORDER = (
+        "button",
+        "kiosk",
+        "mqtt",
+        "controller",
+        "control",
+        "watchdog",
+        "leds",
+        "capture",
+        "engine",
+    )
 
     def shutdown(self) -> None:
         """Stop in a fixed order; every part is joined with a timeout (5 s in all)."""
@@ -318,7 +379,7 @@ class Daemon:
         self._parts.clear()
         self.outputs.close()
         self.notifier.close()
-        self._stop.close()   # run() has returned: no signal writes to it any more
+        self._stop.close()  # run() has returned: no signal writes to it any more
 
 
 def require_pocketsphinx(what: str) -> None:
@@ -330,8 +391,10 @@ def require_pocketsphinx(what: str) -> None:
     try:
         import pocketsphinx  # noqa: F401  (the engine loads it right after this anyway)
     except ImportError as exc:
-        raise StartupError(f"{what} needs the offline engine, which is not installed "
-                           f"({exc}): pip install 'pttd[local]'") from None
+        raise StartupError(
+            f"{what} needs the offline engine, which is not installed "
+            f"({exc}): pip install 'pttd[local]'"
+        ) from None
 
 
 class _LateSink:
@@ -350,8 +413,13 @@ class _LateSink:
         self.target = None
 
 
-def run(cfg: Config, *, url_override: str | None = None, install_signals: bool = True,
-        extra_sinks: list | None = None) -> int:
+def run(
+    cfg: Config,
+    *,
+    url_override: str | None = None,
+    install_signals: bool = True,
+    extra_sinks: list | None = None,
+) -> int:
     """Assemble, start, run until SIGTERM/SIGINT, stop. Raises StartupError/ConfigError."""
     from pttd.app.service import install_stop_signals
 

@@ -7,6 +7,7 @@ Two passes: kiosk commands (recognition constrained to the phrase list, sent as
 ``keyterms_prompt``) and free dictation. It prints states, partials and finals, then the
 word error rate of each pass against the known text.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,11 @@ from pttd.config import from_dict
 LEAD_MS, GAP_MS, PRESS_EARLY_MS, RELEASE_LATE_MS = 800, 1200, 300, 250
 
 
-NEXT_STEP = ("Next, on a Raspberry Pi with a mic and a button: sudo ./install.sh (from a pttd "
-             "checkout), then your AssemblyAI key in /etc/pttd/api-key; see the README, "
-             "\"Install on a Pi\".")
+NEXT_STEP = (
+    "Next, on a Raspberry Pi with a mic and a button: sudo ./install.sh (from a pttd "
+    "checkout), then your AssemblyAI key in /etc/pttd/api-key; see the README, "
+    '"Install on a Pi".'
+)
 
 
 def run_demo(jsonl: bool = False, out=None) -> int:
@@ -39,15 +42,24 @@ def run_demo(jsonl: bool = False, out=None) -> int:
 
     meta = json.loads(_data("demo.json").read_text())
     say = (lambda text: None) if jsonl else (lambda text: print(text, file=out, flush=True))
-    say("pttd demo: WAV mic -> ring buffer -> controller -> v3 session -> offline engine "
-        "(pocketsphinx on 127.0.0.1); mock GPIO button. No Pi, mic, key or internet.")
+    say(
+        "pttd demo: WAV mic -> ring buffer -> controller -> v3 session -> offline engine "
+        "(pocketsphinx on 127.0.0.1); mock GPIO button. No Pi, mic, key or internet."
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="pttd-demo-") as tmp, LocalEngine() as engine:
         commands = [c for c in meta["clips"] if c["kind"] == "command"]
         dictation = [c for c in meta["clips"] if c["kind"] != "command"]
         say(f"\n== kiosk commands: recognition limited to {len(meta['phrases'])} phrases ==")
-        results += _pass(engine.url, Path(tmp), "commands", commands,
-                         {"keyterms_prompt": meta["phrases"]}, jsonl, say)
+        results += _pass(
+            engine.url,
+            Path(tmp),
+            "commands",
+            commands,
+            {"keyterms_prompt": meta["phrases"]},
+            jsonl,
+            say,
+        )
         say("\n== free dictation: the default language model (expect mistakes) ==")
         results += _pass(engine.url, Path(tmp), "dictation", dictation, {}, jsonl, say)
     return _summary(results, say)
@@ -58,12 +70,17 @@ def _pass(url: str, tmp: Path, name: str, clips: list[dict], params: dict, jsonl
 
     mic, spans = _build_mic(tmp / f"{name}.wav", clips)
     sink = _Collector()
-    cfg = from_dict({"stt": {"url": url, "params": params, "speech_model": "universal-streaming-english"},
-                     "audio": {"source": "wav", "wav": str(mic)},
-                     "gpio": {"pin_factory": "mock"}, "leds": {"kind": "led"},
-                     "control": {"socket": str(tmp / f"{name}.sock")},
-                     "output": {"stdout": "jsonl" if jsonl else "text", "journal": False}},
-                    environ={})
+    cfg = from_dict(
+        {
+            "stt": {"url": url, "params": params, "speech_model": "universal-streaming-english"},
+            "audio": {"source": "wav", "wav": str(mic)},
+            "gpio": {"pin_factory": "mock"},
+            "leds": {"kind": "led"},
+            "control": {"socket": str(tmp / f"{name}.sock")},
+            "output": {"stdout": "jsonl" if jsonl else "text", "journal": False},
+        },
+        environ={},
+    )
     daemon = Daemon(cfg, extra_sinks=[sink], url_override=url)
     daemon.build()
     daemon.start()
@@ -71,9 +88,9 @@ def _pass(url: str, tmp: Path, name: str, clips: list[dict], params: dict, jsonl
         pin = daemon.button.pin
         for clip, (start_ms, end_ms) in zip(clips, spans):
             _wait_audio(daemon, start_ms - PRESS_EARLY_MS)
-            pin.drive_low()       # pressed (pull-up: active low)
+            pin.drive_low()  # pressed (pull-up: active low)
             _wait_audio(daemon, end_ms + RELEASE_LATE_MS)
-            pin.drive_high()      # released
+            pin.drive_high()  # released
         sink.wait_finals(len(clips), timeout=30)
     finally:
         daemon.request_stop()

@@ -7,6 +7,7 @@ sd_notify is written with the socket module rather than ``systemd.daemon.notify`
 dozen lines, it reports send errors instead of a bare False, it lets us honour ``$WATCHDOG_PID``
 ourselves, and tests can point ``$NOTIFY_SOCKET`` at their own datagram socket per Notifier.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from pttd.events import State
 
@@ -60,7 +61,9 @@ class Notifier:
         try:
             with self._lock:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    self._sock = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                    )
                     # never block the caller (the controller): a receiver that does not read
                     # its queue makes a blocking sendto hang; drop the message instead
                     self._sock.setblocking(False)
@@ -69,8 +72,9 @@ class Notifier:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                log.warning("sd_notify to %r failed: %s (further failures not logged)",
-                            self._address, exc)
+                log.warning(
+                    "sd_notify to %r failed: %s (further failures not logged)", self._address, exc
+                )
             return False
 
     def close(self) -> None:
@@ -113,8 +117,13 @@ class Watchdog:
     stop and systemd kills and restarts the service after WatchdogSec.
     """
 
-    def __init__(self, notifier: Notifier, progress: Callable[[], int],
-                 interval_s: float | None = None, environ: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        notifier: Notifier,
+        progress: Callable[[], int],
+        interval_s: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
         self._notifier = notifier
         self._progress = progress
         self.interval_s = interval_s if interval_s is not None else watchdog_interval(environ)
@@ -127,7 +136,7 @@ class Watchdog:
     def enabled(self) -> bool:
         return self._notifier.enabled and bool(self.interval_s)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="pttd-watchdog", daemon=True)
             self._thread.start()
@@ -150,8 +159,10 @@ class Watchdog:
             else:
                 self.skipped += 1
                 if self.skipped == 1 or self.skipped % 10 == 0:
-                    log.warning("capture made no progress for %.1f s; watchdog not fed",
-                                self.interval_s * self.skipped)
+                    log.warning(
+                        "capture made no progress for %.1f s; watchdog not fed",
+                        self.interval_s * self.skipped,
+                    )
                 continue
             self.skipped = 0
 
@@ -186,6 +197,7 @@ def install_stop_signals(callback: Callable[[int], None]) -> Callable[[], None]:
     must not wait for it in a lock or queue without a timeout: see ``StopRequest``. Call from the
     main thread.
     """
+
     def handler(signum, _frame):
         try:
             callback(signum)

@@ -7,6 +7,7 @@ Both expose the same small surface the daemon wires up: ``start()``, ``stop()``,
 meter on (``meter_levels``, ``take_levels``). Nothing here imports numpy: a converter does, and
 only when it has real work (see convert.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,14 +17,24 @@ import select
 import threading
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pttd.audio.convert import AudioError, ChannelLevel, Converter, LevelReport
 from pttd.audio.ring import ReadResult, RingBuffer
 
-__all__ = ["AudioError", "AlsaSource", "Converter", "LevelReport", "ReadResult", "RingBuffer",
-           "WavSource", "level_warnings", "measure_levels", "record"]
+__all__ = [
+    "AudioError",
+    "AlsaSource",
+    "Converter",
+    "LevelReport",
+    "ReadResult",
+    "RingBuffer",
+    "WavSource",
+    "level_warnings",
+    "measure_levels",
+    "record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +73,11 @@ class _Source:
             return True
         thread.join(timeout)
         if thread.is_alive():
-            log.warning("%s thread did not stop within %.1f s (left to exit with the process)",
-                        self.name, timeout)
+            log.warning(
+                "%s thread did not stop within %.1f s (left to exit with the process)",
+                self.name,
+                timeout,
+            )
             return False
         return True
 
@@ -138,19 +152,34 @@ class WavSource(_Source):
 
     name = "wav-source"
 
-    def __init__(self, path: str | os.PathLike, ring: RingBuffer, sample_rate: int,
-                 period_ms: int = CAPTURE_PERIOD_MS):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        ring: RingBuffer,
+        sample_rate: int,
+        period_ms: int = CAPTURE_PERIOD_MS,
+    ):
         super().__init__(ring, sample_rate)
         self.path = Path(path)
         self.period_s = period_ms / 1000.0
         self._file, self.wav_channels, self.wav_rate, self.wav_frames = _open_wav(self.path)
         try:
-            self._use_converter(Converter("S16_LE", self.wav_channels, self.wav_rate, channel=-1,
-                                          out_rate=sample_rate, highpass_hz=None))
+            self._use_converter(
+                Converter(
+                    "S16_LE",
+                    self.wav_channels,
+                    self.wav_rate,
+                    channel=-1,
+                    out_rate=sample_rate,
+                    highpass_hz=None,
+                )
+            )
         except ValueError as exc:
             self._file.close()
-            raise AudioError(f"{self.path}: {exc}; resample it first, e.g. "
-                             f"`sox {self.path} -r {sample_rate} out.wav`") from None
+            raise AudioError(
+                f"{self.path}: {exc}; resample it first, e.g. "
+                f"`sox {self.path} -r {sample_rate} out.wav`"
+            ) from None
         self._frame_bytes = 2 * self.wav_channels
         # ``wave`` checked the header and left the file at the first sample; the PCM is read
         # from there with one pread per block (wave.readframes costs ~5 x that per block)
@@ -186,16 +215,26 @@ class WavSource(_Source):
         """The next ``frames`` of the file, padded with silence past its end (or past where a
         truncated file stops)."""
         done, want = self.frames_played * self._frame_bytes, frames * self._frame_bytes
-        raw = (os.pread(self._file.fileno(), min(want, self._data_bytes - done),
-                        self._data_at + done) if done < self._data_bytes else b"")
+        raw = (
+            os.pread(self._file.fileno(), min(want, self._data_bytes - done), self._data_at + done)
+            if done < self._data_bytes
+            else b""
+        )
         self.frames_played += frames
         missing = want - len(raw)
         return raw + bytes(missing) if missing > 0 else raw
 
     def stats(self) -> dict:
-        return {"state": "online", "xruns": 0, "clipped": self.clipped, "gaps": 0,
-                "gap_ms": 0, "reopens": 0, "periods": self.progress,
-                "wav_done": self.frames_played >= self.wav_frames}
+        return {
+            "state": "online",
+            "xruns": 0,
+            "clipped": self.clipped,
+            "gaps": 0,
+            "gap_ms": 0,
+            "reopens": 0,
+            "periods": self.progress,
+            "wav_done": self.frames_played >= self.wav_frames,
+        }
 
 
 def _open_wav(path: Path):
@@ -211,13 +250,15 @@ def _open_wav(path: Path):
         wav = wave.open(f, "rb")  # a file object: wave leaves it open, at the first sample
         width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
         if width != 2 or channels < 1 or rate <= 0:
-            raise AudioError(f"{path} is {8 * width}-bit PCM; pttd plays 16-bit PCM WAV only; "
-                             f"{hint}")
+            raise AudioError(
+                f"{path} is {8 * width}-bit PCM; pttd plays 16-bit PCM WAV only; {hint}"
+            )
         return f, channels, rate, wav.getnframes()
     except (wave.Error, EOFError) as exc:
         f.close()
-        raise AudioError(f"{path} is not a 16-bit PCM WAV file ({_wave_reason(exc)}); "
-                         f"{hint}") from None
+        raise AudioError(
+            f"{path} is not a 16-bit PCM WAV file ({_wave_reason(exc)}); {hint}"
+        ) from None
     except OSError as exc:
         f.close()
         raise AudioError(f"cannot read WAV file {path}: {exc.strerror or exc}") from None
@@ -236,6 +277,7 @@ def _wave_reason(exc: Exception) -> str:
 
 
 # --- ALSA ----------------------------------------------------------------------------------------
+
 
 class _DeviceLost(Exception):
     """The open device stopped working; the capture loop reopens it with backoff."""
@@ -272,15 +314,27 @@ class AlsaSource(_Source):
     name = "alsa-capture"
     BACKOFF_START_S = 0.25
     BACKOFF_MAX_S = 5.0
-    HEALTHY_S = 5.0          # a device that worked this long resets the backoff
-    MAX_XRUN_STREAK = 10     # this many overruns without audio in between: treat as lost
+    HEALTHY_S = 5.0  # a device that worked this long resets the backoff
+    MAX_XRUN_STREAK = 10  # this many overruns without audio in between: treat as lost
     XRUN_REPORT_EVERY_S = 10.0
 
-    def __init__(self, device: str, capture_format: str, capture_channels: int,
-                 capture_rate: int, channel: int, gain_db: float, warmup_ms: int,
-                 sample_rate: int, ring: RingBuffer, period_ms: int = CAPTURE_PERIOD_MS,
-                 on_status: StatusCallback | None = None, highpass_hz: float | None = 80.0,
-                 stall_timeout_s: float = 2.0, periods: int = 4):
+    def __init__(
+        self,
+        device: str,
+        capture_format: str,
+        capture_channels: int,
+        capture_rate: int,
+        channel: int,
+        gain_db: float,
+        warmup_ms: int,
+        sample_rate: int,
+        ring: RingBuffer,
+        period_ms: int = CAPTURE_PERIOD_MS,
+        on_status: StatusCallback | None = None,
+        highpass_hz: float | None = 80.0,
+        stall_timeout_s: float = 2.0,
+        periods: int = 4,
+    ):
         super().__init__(ring, sample_rate)
         self.device = device
         self.capture_format = capture_format
@@ -313,8 +367,15 @@ class AlsaSource(_Source):
 
     def _new_converter(self) -> Converter:
         try:
-            conv = Converter(self.capture_format, self.capture_channels, self.capture_rate,
-                             self.channel, self.gain_db, self.sample_rate, self.highpass_hz)
+            conv = Converter(
+                self.capture_format,
+                self.capture_channels,
+                self.capture_rate,
+                self.channel,
+                self.gain_db,
+                self.sample_rate,
+                self.highpass_hz,
+            )
         except ValueError as exc:
             raise AudioError(f"audio settings: {exc}") from None
         return self._use_converter(conv)
@@ -371,10 +432,16 @@ class AlsaSource(_Source):
 
         fmt = {"S16_LE": alsaaudio.PCM_FORMAT_S16_LE, "S32_LE": alsaaudio.PCM_FORMAT_S32_LE}
         try:
-            pcm = alsaaudio.PCM(type=alsaaudio.PCM_CAPTURE, mode=alsaaudio.PCM_NONBLOCK,
-                                device=self.device, channels=self.capture_channels,
-                                rate=self.capture_rate, format=fmt[self.capture_format],
-                                periodsize=self.period_frames, periods=self.periods)
+            pcm = alsaaudio.PCM(
+                type=alsaaudio.PCM_CAPTURE,
+                mode=alsaaudio.PCM_NONBLOCK,
+                device=self.device,
+                channels=self.capture_channels,
+                rate=self.capture_rate,
+                format=fmt[self.capture_format],
+                periodsize=self.period_frames,
+                periods=self.periods,
+            )
         except alsaaudio.ALSAAudioError as exc:
             self.open_failures += 1
             raise _DeviceLost(_open_problem(self.device, exc)) from None
@@ -392,7 +459,8 @@ class AlsaSource(_Source):
             raise _DeviceLost(
                 f"mic not usable: {self.device}: it gives {got[2]}, {got[0]} ch, {got[1]} Hz, "
                 f"not {want[2]}, {want[0]} ch, {want[1]} Hz; set audio.capture_format/"
-                f"capture_channels/capture_rate to match or use a plughw: device")
+                f"capture_channels/capture_rate to match or use a plughw: device"
+            )
 
     def _capture(self, pcm) -> None:
         conv = self._new_converter()
@@ -413,11 +481,13 @@ class AlsaSource(_Source):
                 last_audio = now
                 warmup = self._convert(conv, data, warmup, now)
             elif now - last_audio > self.stall_timeout_s:
-                raise _DeviceLost(f"mic not found: {self.device}: no audio for "
-                                  f"{now - last_audio:.1f} s")
+                raise _DeviceLost(
+                    f"mic not found: {self.device}: no audio for {now - last_audio:.1f} s"
+                )
 
-    def _readable(self, pcm, descriptors: list[tuple[int, int]],
-                  events: list[tuple[int, int]]) -> bool:
+    def _readable(
+        self, pcm, descriptors: list[tuple[int, int]], events: list[tuple[int, int]]
+    ) -> bool:
         """Ask alsa-lib what the poll events mean: dsnoop/dmix descriptors (timers) must be
         demangled, or they would read as ready forever (and be cleared by this call)."""
         import alsaaudio
@@ -427,12 +497,10 @@ class AlsaSource(_Source):
         if not got:
             return False
         try:
-            revents = pcm.polldescriptors_revents([(fd, got.get(fd, 0))
-                                                   for fd, _ in descriptors])
+            revents = pcm.polldescriptors_revents([(fd, got.get(fd, 0)) for fd, _ in descriptors])
         except alsaaudio.ALSAAudioError as exc:
             raise _DeviceLost(f"mic not found: {self.device}: {_alsa_reason(exc)}") from None
-        return bool(revents & (select.POLLIN | select.POLLERR | select.POLLHUP
-                               | select.POLLNVAL))
+        return bool(revents & (select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL))
 
     def _read(self, pcm) -> bytes | None:
         import alsaaudio
@@ -456,7 +524,7 @@ class AlsaSource(_Source):
             head = data[:warmup]
             conv.process(head)
             warmup -= len(head)
-            data = data[len(head):]
+            data = data[len(head) :]
         if data:
             self._deliver_at(conv.process(data), now)
         else:
@@ -471,8 +539,9 @@ class AlsaSource(_Source):
         self._xrun_streak += 1
         self._lost_pending = True
         if self._xrun_streak >= self.MAX_XRUN_STREAK:
-            raise _DeviceLost(f"mic not found: {self.device}: {self._xrun_streak} overruns "
-                              f"in a row")
+            raise _DeviceLost(
+                f"mic not found: {self.device}: {self._xrun_streak} overruns in a row"
+            )
         if now - self._last_xrun_report >= self.XRUN_REPORT_EVERY_S:
             self._last_xrun_report = now
             log.warning("capture overrun on %s (%d so far)", self.device, self.xruns)
@@ -486,9 +555,11 @@ class AlsaSource(_Source):
         shortfall beyond the device buffer is (less may still be sitting in the buffer).
         """
         behind = self._expected_end(now) - (self.ring.end + len(pcm) // 2)
-        limit = (len(pcm) // 4 if self._lost_pending
-                 else (self.periods + 1) * self.period_frames * self.sample_rate
-                 // self.capture_rate)
+        limit = (
+            len(pcm) // 4
+            if self._lost_pending
+            else (self.periods + 1) * self.period_frames * self.sample_rate // self.capture_rate
+        )
         if self._anchor is not None and behind > limit:
             self._mark_gap(behind)
         self._lost_pending = False
@@ -554,10 +625,16 @@ class AlsaSource(_Source):
             log.exception("on_status callback failed")
 
     def stats(self) -> dict:
-        return {"state": self.state, "xruns": self.xruns, "clipped": self.clipped,
-                "gaps": self.gaps, "gap_ms": self.gap_samples * 1000 // self.sample_rate,
-                "reopens": max(0, self.opens - 1), "open_failures": self.open_failures,
-                "periods": self.progress}
+        return {
+            "state": self.state,
+            "xruns": self.xruns,
+            "clipped": self.clipped,
+            "gaps": self.gaps,
+            "gap_ms": self.gap_samples * 1000 // self.sample_rate,
+            "reopens": max(0, self.opens - 1),
+            "open_failures": self.open_failures,
+            "periods": self.progress,
+        }
 
 
 def _alsa_reason(exc: Exception) -> str:
@@ -569,18 +646,28 @@ def _alsa_reason(exc: Exception) -> str:
 def _open_problem(device: str, exc: Exception) -> str:
     reason = _alsa_reason(exc)
     if "busy" in reason.lower():
-        return (f"mic busy: {device}: {reason} (another program holds it; share it through "
-                f"dsnoop, see hardware/asound.conf)")
+        return (
+            f"mic busy: {device}: {reason} (another program holds it; share it through "
+            f"dsnoop, see hardware/asound.conf)"
+        )
     if "Invalid argument" in reason:
-        return (f"mic not usable: {device}: {reason} (check audio.capture_format, "
-                f"capture_channels and capture_rate, or use a plughw: device)")
+        return (
+            f"mic not usable: {device}: {reason} (check audio.capture_format, "
+            f"capture_channels and capture_rate, or use a plughw: device)"
+        )
     return f"mic not found: {device}: {reason}"
 
 
 # --- pttd record / pttd check --------------------------------------------------------------------
 
-def record(source: _Source, ring: RingBuffer, seconds: float, out_path: str | os.PathLike,
-           start_timeout: float = 10.0) -> dict:
+
+def record(
+    source: _Source,
+    ring: RingBuffer,
+    seconds: float,
+    out_path: str | os.PathLike,
+    start_timeout: float = 10.0,
+) -> dict:
     """Start ``source``, write ``seconds`` of exactly what would be sent to a WAV, stop it.
 
     The WAV is 16-bit mono at the ring's rate: post warm-up, post conversion, gaps as the
@@ -620,7 +707,7 @@ def _copy_ring(source: _Source, ring: RingBuffer, pos: int, total: int, out) -> 
         if res.lost:
             log.warning("recording fell behind: %d samples lost", res.lost)
         out.writeframes(res.data)
-        written += (res.next_pos - res.pos)
+        written += res.next_pos - res.pos
         pos = res.next_pos
     return written
 
@@ -630,26 +717,36 @@ def level_warnings(report: LevelReport, channel: int) -> list[str]:
     chans = report.channels
     warnings = []
     if chans and all(c.all_zeros for c in chans):
-        warnings.append("every capture channel is all zeros: check the wiring (mic DOUT to "
-                        "GPIO20, BCLK GPIO18, LRCLK GPIO19, L/R tied to GND or 3V3) and "
-                        "the dtoverlay")
+        warnings.append(
+            "every capture channel is all zeros: check the wiring (mic DOUT to "
+            "GPIO20, BCLK GPIO18, LRCLK GPIO19, L/R tied to GND or 3V3) and "
+            "the dtoverlay"
+        )
     elif 0 <= channel < len(chans) and chans[channel].all_zeros:
         live = [i for i, c in enumerate(chans) if not c.all_zeros]
         warnings.append(f"channel {channel} is all zeros; try channel = {live[0]}")
     if report.clipped:
         warnings.append(f"{report.clipped} samples clipped after gain: lower audio.gain_db")
     if any(c.peak_dbfs > -0.1 for c in chans):
-        warnings.append("the mic itself reaches full scale (input clipping): speak further "
-                        "away or lower the capture level")
+        warnings.append(
+            "the mic itself reaches full scale (input clipping): speak further "
+            "away or lower the capture level"
+        )
     elif report.frames and report.out_peak_dbfs < -45.0 and not warnings:
-        warnings.append(f"very quiet (peak {report.out_peak_dbfs:.0f} dBFS sent): speak during "
-                        f"the check, or raise audio.gain_db (I2S MEMS mics need ~+20…30 dB)")
+        warnings.append(
+            f"very quiet (peak {report.out_peak_dbfs:.0f} dBFS sent): speak during "
+            f"the check, or raise audio.gain_db (I2S MEMS mics need ~+20…30 dB)"
+        )
     return warnings
 
 
-def measure_levels(source: _Source, seconds: float = 5.0, interval: float = 0.5,
-                   on_update: Callable[[LevelReport], None] | None = None,
-                   start_timeout: float = 10.0) -> LevelReport:
+def measure_levels(
+    source: _Source,
+    seconds: float = 5.0,
+    interval: float = 0.5,
+    on_update: Callable[[LevelReport], None] | None = None,
+    start_timeout: float = 10.0,
+) -> LevelReport:
     """Run ``source`` for ``seconds``; call ``on_update`` with a meter reading every ``interval``.
 
     Returns the levels over the whole run with ``warnings`` filled in. The level meter is on
@@ -686,21 +783,24 @@ def _combine(readings: list[LevelReport]) -> LevelReport:
         return LevelReport([], float("-inf"), float("-inf"), 0, 0)
     n = len(readings[0].channels)
     frames = sum(r.frames for r in readings)
-    chans = [_combine_channel([r.channels[c] for r in readings], [r.frames for r in readings])
-             for c in range(n)]
+    chans = [
+        _combine_channel([r.channels[c] for r in readings], [r.frames for r in readings])
+        for c in range(n)
+    ]
     out_peak = max(r.out_peak_dbfs for r in readings)
     out_rms = _power_mean([r.out_rms_dbfs for r in readings], [r.frames for r in readings])
     return LevelReport(chans, out_peak, out_rms, sum(r.clipped for r in readings), frames)
 
 
 def _combine_channel(levels: list[ChannelLevel], weights: list[int]) -> ChannelLevel:
-    return ChannelLevel(max(c.peak_dbfs for c in levels),
-                        _power_mean([c.rms_dbfs for c in levels], weights),
-                        _power_mean([c.dc_dbfs for c in levels], weights))
+    return ChannelLevel(
+        max(c.peak_dbfs for c in levels),
+        _power_mean([c.rms_dbfs for c in levels], weights),
+        _power_mean([c.dc_dbfs for c in levels], weights),
+    )
 
 
 def _power_mean(levels_db: list[float], weights: list[int]) -> float:
     power = sum(w * 10 ** (d / 10) for d, w in zip(levels_db, weights) if d != float("-inf"))
     mean = power / max(1, sum(weights))
     return 10 * math.log10(mean) if mean > 0 else float("-inf")
-

@@ -6,6 +6,7 @@ needs it. The identity case (S16 mono at the send rate, 0 dB, no high-pass: WAV 
 at 16 kHz) returns its input without numpy. The level meter costs ~70 % of a converted block
 and only ``pttd check`` reads it, so it is off until ``meter_levels(True)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ SAMPLE_BYTES = {"S16_LE": 2, "S32_LE": 4}
 FULL_SCALE = {"S16_LE": 32768.0, "S32_LE": 2147483648.0}
 
 # Served from ``dsp`` on first access (PEP 562), so importing this module loads no numpy.
-_DSP_NAMES = frozenset({"FilterBank", "HighPass", "LevelMeter", "MAX_PHASES", "Resampler",
-                        "design_filter_bank"})
+_DSP_NAMES = frozenset(
+    {"FilterBank", "HighPass", "LevelMeter", "MAX_PHASES", "Resampler", "design_filter_bank"}
+)
 
 
 def __getattr__(name: str):
@@ -38,6 +40,7 @@ def dbfs(value: float, full_scale: float = 32768.0) -> float:
 
 
 # --- levels ------------------------------------------------------------------------------------
+
 
 @dataclass
 class ChannelLevel:
@@ -67,11 +70,17 @@ class LevelReport:
         """One meter line for ``pttd check``."""
         parts = []
         for i, c in enumerate(self.channels):
-            parts.append(f"ch{i} all zeros" if c.all_zeros
-                         else f"ch{i} peak {c.peak_dbfs:6.1f} rms {c.rms_dbfs:6.1f}")
+            parts.append(
+                f"ch{i} all zeros"
+                if c.all_zeros
+                else f"ch{i} peak {c.peak_dbfs:6.1f} rms {c.rms_dbfs:6.1f}"
+            )
         bar = _bar(self.out_rms_dbfs)
-        sent = (f"sent silence {bar}" if self.out_peak_dbfs == float("-inf") else
-                f"sent peak {self.out_peak_dbfs:6.1f} rms {self.out_rms_dbfs:6.1f} dBFS {bar}")
+        sent = (
+            f"sent silence {bar}"
+            if self.out_peak_dbfs == float("-inf")
+            else f"sent peak {self.out_peak_dbfs:6.1f} rms {self.out_rms_dbfs:6.1f} dBFS {bar}"
+        )
         clip = f"  CLIPPED {self.clipped}" if self.clipped else ""
         return " | ".join(parts + [sent]) + clip
 
@@ -84,6 +93,7 @@ def _bar(level_dbfs: float, width: int = 20) -> str:
 
 # --- the converter -------------------------------------------------------------------------------
 
+
 class Converter:
     """Stateful conversion of raw capture blocks to PCM16 mono at ``out_rate``.
 
@@ -95,23 +105,37 @@ class Converter:
     ``levels=True`` starts with the level meter on (see ``meter_levels``).
     """
 
-    def __init__(self, in_format: str = "S16_LE", in_channels: int = 1, in_rate: int = 16000,
-                 channel: int = 0, gain_db: float = 0.0, out_rate: int = 16000,
-                 highpass_hz: float | None = 80.0, levels: bool = False):
+    def __init__(
+        self,
+        in_format: str = "S16_LE",
+        in_channels: int = 1,
+        in_rate: int = 16000,
+        channel: int = 0,
+        gain_db: float = 0.0,
+        out_rate: int = 16000,
+        highpass_hz: float | None = 80.0,
+        levels: bool = False,
+    ):
         _check_params(in_format, in_channels, in_rate, channel, out_rate)
         self.in_format = in_format
         self.in_channels = in_channels
         self.channel = channel
         self.frame_bytes = SAMPLE_BYTES[in_format] * in_channels
         self.gain = 10.0 ** (gain_db / 20.0)
-        self.identity = (in_format == "S16_LE" and in_channels == 1 and in_rate == out_rate
-                         and gain_db == 0.0 and not highpass_hz)
+        self.identity = (
+            in_format == "S16_LE"
+            and in_channels == 1
+            and in_rate == out_rate
+            and gain_db == 0.0
+            and not highpass_hz
+        )
         self._chain = None
         if not self.identity:
             from pttd.audio.dsp import Chain
 
-            self._chain = Chain(in_format, in_channels, in_rate, channel, self.gain, out_rate,
-                                highpass_hz)
+            self._chain = Chain(
+                in_format, in_channels, in_rate, channel, self.gain, out_rate, highpass_hz
+            )
         self._meter = None  # a dsp.LevelMeter while metering; set from another thread
         self.clipped_samples = 0
         self._carry = b""
@@ -158,8 +182,9 @@ class Converter:
         return meter.take() if meter is not None else None
 
 
-def _check_params(in_format: str, in_channels: int, in_rate: int, channel: int,
-                  out_rate: int) -> None:
+def _check_params(
+    in_format: str, in_channels: int, in_rate: int, channel: int, out_rate: int
+) -> None:
     if in_format not in FORMATS:
         raise ValueError(f"capture format {in_format!r} is not supported (S16_LE or S32_LE)")
     if in_channels < 1:

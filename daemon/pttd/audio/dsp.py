@@ -14,6 +14,7 @@ A converter in identity mode (S16 mono at the send rate, no gain, no high-pass) 
 meter off never loads this module, so the daemon with a WAV, or a 16 kHz mono mic with
 ``[audio] highpass_hz = 0``, runs without numpy (~13 MB of RSS and ~55 ms of start-up).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ STOP_ATTEN_DB = 65.0
 
 
 # --- resampling ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FilterBank:
@@ -69,8 +71,9 @@ def design_filter_bank(in_rate: int, out_rate: int) -> FilterBank:
     g = math.gcd(in_rate, out_rate)
     up, down = out_rate // g, in_rate // g
     if up > MAX_PHASES or down > MAX_PHASES:
-        raise ValueError(f"cannot convert {in_rate} Hz to {out_rate} Hz "
-                         f"(ratio {up}/{down} is too fine)")
+        raise ValueError(
+            f"cannot convert {in_rate} Hz to {out_rate} Hz (ratio {up}/{down} is too fine)"
+        )
     fs_up = float(in_rate * up)  # the rate of the zero-stuffed signal the prototype runs at
     f_stop = min(in_rate, out_rate) / 2.0
     f_pass = PASS_FRACTION * f_stop
@@ -118,7 +121,7 @@ class Resampler:
         self._phases = None
         if self.bank.up == 1:
             h = self.bank.matrix[:, 0]
-            self._phases = [h[p::self.bank.down].copy() for p in range(self.bank.down)]
+            self._phases = [h[p :: self.bank.down].copy() for p in range(self.bank.down)]
 
     @property
     def delay_in(self) -> float:
@@ -135,17 +138,19 @@ class Resampler:
         if self._phases is not None:
             out = np.zeros(q, dtype=np.float32)
             for p, taps in enumerate(self._phases):
-                out += np.correlate(buf[p::b.down][:q + len(taps) - 1], taps, "valid")
+                out += np.correlate(buf[p :: b.down][: q + len(taps) - 1], taps, "valid")
         else:
             step = buf.strides[0]
-            view = as_strided(buf, shape=(q, b.span), strides=(b.down * step, step),
-                              writeable=False)
+            view = as_strided(
+                buf, shape=(q, b.span), strides=(b.down * step, step), writeable=False
+            )
             out = np.dot(view, b.matrix).reshape(-1)
-        self._hist = buf[q * b.down:].copy()
+        self._hist = buf[q * b.down :].copy()
         return out
 
 
 # --- DC blocking -------------------------------------------------------------------------------
+
 
 class HighPass:
     """First-order DC-blocking high-pass, y[n] = a·y[n−1] + g·(x[n] − x[n−1]).
@@ -164,12 +169,12 @@ class HighPass:
     MAX_CHUNK = 4096
 
     def __init__(self, cutoff_hz: float, sample_rate: int):
-        per_sample = 2.0 * math.pi * cutoff_hz / sample_rate   # = −ln a
+        per_sample = 2.0 * math.pi * cutoff_hz / sample_rate  # = −ln a
         self.a = math.exp(-per_sample)
         self.g = (1.0 + self.a) / 2.0
         self.chunk_len = max(16, min(self.MAX_CHUNK, int(self.MAX_EXPONENT / per_sample)))
         k = np.arange(1, self.chunk_len + 1, dtype=np.float64)
-        self._pow = self.a ** k
+        self._pow = self.a**k
         self._inv = self.g / self._pow
         self._x_prev = 0.0
         self._y_prev = 0.0
@@ -177,7 +182,7 @@ class HighPass:
     def process(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(len(x), dtype=np.float64)
         for s in range(0, len(x), self.chunk_len):
-            out[s:s + self.chunk_len] = self._chunk(x[s:s + self.chunk_len])
+            out[s : s + self.chunk_len] = self._chunk(x[s : s + self.chunk_len])
         return out
 
     def _chunk(self, x: np.ndarray) -> np.ndarray:
@@ -192,6 +197,7 @@ class HighPass:
 
 
 # --- levels ------------------------------------------------------------------------------------
+
 
 class LevelMeter:
     """Accumulates peak/RMS/DC per input channel and of the output until ``take()``.
@@ -260,22 +266,34 @@ class LevelMeter:
     def _report(self) -> LevelReport:
         n = max(1, self._frames)
         fs = self.full_scale
-        chans = [ChannelLevel(dbfs(float(self._peak[c]), fs),
-                              dbfs(math.sqrt(self._sumsq[c] / n), fs),
-                              dbfs(abs(float(self._sum[c])) / n, fs))
-                 for c in range(self.channels)]
+        chans = [
+            ChannelLevel(
+                dbfs(float(self._peak[c]), fs),
+                dbfs(math.sqrt(self._sumsq[c] / n), fs),
+                dbfs(abs(float(self._sum[c])) / n, fs),
+            )
+            for c in range(self.channels)
+        ]
         out_rms = math.sqrt(self._out_sumsq / self._out_n) if self._out_n else 0.0
-        return LevelReport(chans, dbfs(self._out_peak), dbfs(out_rms), self._clipped,
-                           self._frames)
+        return LevelReport(chans, dbfs(self._out_peak), dbfs(out_rms), self._clipped, self._frames)
 
 
 # --- the chain -----------------------------------------------------------------------------------
 
+
 class Chain:
     """One converter's numpy work and filter state, for every case but the unmetered identity."""
 
-    def __init__(self, in_format: str, in_channels: int, in_rate: int, channel: int,
-                 gain: float, out_rate: int, highpass_hz: float | None):
+    def __init__(
+        self,
+        in_format: str,
+        in_channels: int,
+        in_rate: int,
+        channel: int,
+        gain: float,
+        out_rate: int,
+        highpass_hz: float | None,
+    ):
         self._dtype = np.dtype(FORMATS[in_format])
         self._channels = in_channels
         self._channel = channel

@@ -7,6 +7,7 @@ as if it were the audio the reader asked for. Stretches the device did not deliv
 unplugged, overrun) are filled with silence by the writer and recorded as gaps, so positions stay
 in step with wall time and a turn that spans a gap is still delivered.
 """
+
 from __future__ import annotations
 
 import threading
@@ -53,7 +54,7 @@ class RingBuffer:
         self._waiters: list = []
         self._wakes = 0
         self._appended_at: float | None = None  # monotonic time of the newest append
-        self._block = 0                          # samples in it (one capture period)
+        self._block = 0  # samples in it (one capture period)
         self._lock = threading.Lock()
 
     # --- positions ---------------------------------------------------------------------------
@@ -126,15 +127,15 @@ class RingBuffer:
         """Copy bytes at the write position with at most two slice assignments (no loops)."""
         n = len(data) // 2
         if n > self.capacity:  # only the newest capacity samples can be kept
-            data = data[(n - self.capacity) * 2:]
+            data = data[(n - self.capacity) * 2 :]
             self._end += n - self.capacity
         nbytes = len(data)
         size = len(self._buf)
         off = (self._end % self.capacity) * 2
         first = min(nbytes, size - off)
-        self._buf[off:off + first] = data[:first]
+        self._buf[off : off + first] = data[:first]
         if first < nbytes:
-            self._buf[0:nbytes - first] = data[first:]
+            self._buf[0 : nbytes - first] = data[first:]
         self._end += nbytes // 2
 
     def _write_silence(self, n: int) -> None:
@@ -169,8 +170,9 @@ class RingBuffer:
             data = self._copy(pos, n)
             if not self._gaps:
                 return ReadResult(data, pos, pos + n, lost, [])
-            gaps = [(max(s, pos), min(e, pos + n)) for s, e in self._gaps
-                    if s < pos + n and e > pos]
+            gaps = [
+                (max(s, pos), min(e, pos + n)) for s, e in self._gaps if s < pos + n and e > pos
+            ]
         return ReadResult(data, pos, pos + n, lost, gaps)
 
     def _copy(self, pos: int, n: int) -> bytes:
@@ -180,8 +182,8 @@ class RingBuffer:
         nbytes = n * 2
         first = min(nbytes, len(self._buf) - off)
         if first == nbytes:
-            return bytes(self._buf[off:off + nbytes])
-        return bytes(self._buf[off:]) + bytes(self._buf[:nbytes - first])
+            return bytes(self._buf[off : off + nbytes])
+        return bytes(self._buf[off:]) + bytes(self._buf[: nbytes - first])
 
     def gaps(self) -> list[tuple[int, int]]:
         """All recorded gaps still (partly) in the buffer, oldest first."""
@@ -240,7 +242,7 @@ class Snapshot:
         pos = max(pos, self.start)
         n = max(0, min(max_samples, self.end - pos))
         off = (pos - self.start) * 2
-        return ReadResult(self._data[off:off + n * 2], pos, pos + n, lost, [])
+        return ReadResult(self._data[off : off + n * 2], pos, pos + n, lost, [])
 
     def wait_for(self, pos: int, timeout: float) -> bool:
         return self.end > pos  # complete: nothing more will come

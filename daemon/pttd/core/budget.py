@@ -14,10 +14,11 @@ least any account has); after a 3009 the number this daemon had opened in the wi
 limit, until ``FORGET_S`` passes without another (the account's limit grows with use, and other
 devices sharing the account come and go).
 """
+
 from __future__ import annotations
 
 import collections
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 WINDOW_S = 60.0
 # before anything is known, sessions are kept warm (never held back) at this many a minute:

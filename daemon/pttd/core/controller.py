@@ -11,6 +11,7 @@ nothing said, or cancelled. With a spool (spool.py), a press waiting for the net
 written to disk once its audio is complete; one still waiting when pttd stops is left there
 ("spooled") and the next run loads it under the same id, sends it and ends it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,18 +20,18 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pttd import events
-from pttd.stt.assemblyai import protocol
 from pttd.core.budget import SessionBudget
-from pttd.events import State
 from pttd.core.mailbox import Mailbox
 from pttd.core.press import Outcome, Press, PressPhase
+from pttd.core.streamer import StreamDone, Streamer, StreamFailed
+from pttd.events import State
+from pttd.stt.assemblyai import protocol
 from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn, WarningMessage
 from pttd.stt.assemblyai.session import Session, SessionClosed
-from pttd.core.streamer import StreamDone, StreamFailed, Streamer
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ def _lifetime_left(session: Session) -> float:
 
 # --- queue items ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Command:
-    name: str            # press | release | toggle | cancel
+    name: str  # press | release | toggle | cancel
     source: str = "control"
     at: float = field(default_factory=time.monotonic)
 
@@ -71,7 +73,7 @@ class SessionEvent:
 
 @dataclass(frozen=True)
 class SourceStatus:
-    kind: str            # online | offline | xrun
+    kind: str  # online | offline | xrun
     message: str
 
 
@@ -83,6 +85,7 @@ class _Stop:
 @dataclass(frozen=True)
 class SpoolDone:
     """The spool thread has written a press's file (``error`` None) or failed to."""
+
     entry: object
     error: str | None
 
@@ -90,7 +93,8 @@ class SpoolDone:
 @dataclass(frozen=True)
 class _FinalOut:
     """The outputs' threads have delivered a press's last final (posted by their last one)."""
-    press: "Press"
+
+    press: Press
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,11 @@ class Settings:
     sessions_per_minute: int = 0
     session_budget: bool = True
     button_mode: str = "hold"
-    final_timeout_s: float = 10.0      # ForceEndpoint -> end-of-turn Turn, bounded
+    final_timeout_s: float = 10.0  # ForceEndpoint -> end-of-turn Turn, bounded
     empty_final_timeout_s: float = 2.0  # the same, when no speech was heard in the press
     max_connect_attempts: int = 8
-    fallback: bool = False             # [stt] fallback = "local"
-    fallback_retry_s: float = 30.0     # after a cloud failure, presses use the local engine this long
+    fallback: bool = False  # [stt] fallback = "local"
+    fallback_retry_s: float = 30.0  # after a cloud failure, presses use the local engine this long
     # presses waiting for the network keep their audio outside the ring buffer, up to this
     # much in all; past it the oldest waiting press is dropped (reported as an error event)
     offline_queue_s: float = 60.0
@@ -127,11 +131,20 @@ class Settings:
 class Controller:
     """Runs on its own thread; the public methods are safe to call from any thread."""
 
-    def __init__(self, *, ring, settings: Settings, session_factory: Callable[..., Session],
-                 emit: Callable[[dict], None], on_state: Callable[[State, str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None,
-                 streamer_factory: Callable[..., Streamer] = Streamer, spool=None):
+    def __init__(
+        self,
+        *,
+        ring,
+        settings: Settings,
+        session_factory: Callable[..., Session],
+        emit: Callable[[dict], None],
+        on_state: Callable[[State, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        emit_confirmed: Callable[[dict, Callable[[], None]], None] | None = None,
+        streamer_factory: Callable[..., Streamer] = Streamer,
+        spool=None,
+    ):
         """``emit_confirmed(event, on_delivered)`` (optional; ``Outputs.emit``) emits like
         ``emit`` and calls ``on_delivered`` once the outputs have the event: a press's last
         final is emitted so, and the press ends when it is out (``FINAL_OUT_WAIT_S``).
@@ -159,14 +172,14 @@ class Controller:
         self._budget = SessionBudget(settings.sessions_per_minute, clock)
         self._auth_blocked = False
         self._mic_offline: str | None = None
-        self._net_down: str | None = None     # why the server cannot be reached, while so
+        self._net_down: str | None = None  # why the server cannot be reached, while so
         self._cloud_retry_at: float | None = None  # fallback: use the local engine until then
         self._stopping: _Stop | None = None
         self.state = State.IDLE
         self.state_detail = ""
         self.last_final: dict | None = None
         self.dropped_items = 0
-        self.errors = 0                       # items whose handling raised (a pttd bug)
+        self.errors = 0  # items whose handling raised (a pttd bug)
         self._spool = spool
         # presses waiting for the network (published for ``status``: read from other threads)
         self.waiting: dict = {"waiting": 0, "waiting_s": 0.0, "spooled": 0}
@@ -221,10 +234,15 @@ class Controller:
     def command(self, name: str, source: str = "control") -> dict:
         """The control socket's handler: enqueue a command, or read the published state."""
         if name == "status":
-            return {"ok": True, "state": self.state.value, "detail": self.state_detail,
-                    "last_final": self.last_final,
-                    "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate), **self.waiting,
-                    **self.budget}
+            return {
+                "ok": True,
+                "state": self.state.value,
+                "detail": self.state_detail,
+                "last_final": self.last_final,
+                "audio_ms": int(self.ring.end * 1000 // self.s.sample_rate),
+                **self.waiting,
+                **self.budget,
+            }
         if name not in ("press", "release", "toggle", "cancel"):
             return {"ok": False, "error": f"unknown command {name!r}"}
         if not self.post(Command(name, source)):
@@ -340,8 +358,12 @@ class Controller:
         start = max(self.ring.start, self.ring.position_at(at) - preroll)
         previous = self._presses[-1] if self._presses else None
         if previous is not None and previous.end_pos is not None and not _restored(previous):
-            start = max(start, previous.streamer.end if previous.streamer and previous.streamer.end
-                        else previous.end_pos)
+            start = max(
+                start,
+                previous.streamer.end
+                if previous.streamer and previous.streamer.end
+                else previous.end_pos,
+            )
         self._press_counter += 1
         press = Press(self._press_counter, start, at)  # WAITING, no deadline: queued
         press.pressed_wall = time.time() - (time.monotonic() - at)
@@ -383,14 +405,22 @@ class Controller:
             press.stream_base_ms = protocol.frame_ms(session.audio_bytes_sent, self.s.sample_rate)
             self._start_streaming(press)
             return
-        if (self.s.fallback and self._cloud_retry_at is not None
-                and self._clock() < self._cloud_retry_at):
+        if (
+            self.s.fallback
+            and self._cloud_retry_at is not None
+            and self._clock() < self._cloud_retry_at
+        ):
             press.engine = "local"
         if self._budgeted(press):
             wait = self._budget.wait_s()
             if wait > 0:  # the account's window is full: hold the press (its audio is kept)
-                log.info("press %d: %d new sessions in the last minute (the limit): sending it "
-                         "in %.1f s", press.press_id, self._budget.count(), wait)
+                log.info(
+                    "press %d: %d new sessions in the last minute (the limit): sending it "
+                    "in %.1f s",
+                    press.press_id,
+                    self._budget.count(),
+                    wait,
+                )
                 press.deadline = self._clock() + wait  # (still WAITING: _retry opens it)
                 return
         press.attempts += 1
@@ -449,17 +479,27 @@ class Controller:
         elif isinstance(event, SessionClosed):
             self._on_closed(press, session, event)
         elif isinstance(event, WarningMessage):
-            log.warning("%s: server warning %s: %s", getattr(session, "name", "session"),
-                        event.code, event.message)
+            log.warning(
+                "%s: server warning %s: %s",
+                getattr(session, "name", "session"),
+                event.code,
+                event.message,
+            )
             self._emit(events.warning_event(event.code, event.message))
 
     def _start_streaming(self, press: Press) -> None:
         start = press.replay_pos if press.replay_pos is not None else press.start_pos
         source = press.audio if press.audio is not None else self.ring
         try:
-            streamer = self._new_streamer(source, press.session, start, self._chunk(),
-                                          post=self.post, sample_rate=self.s.sample_rate,
-                                          name=f"streamer-{press.press_id}")
+            streamer = self._new_streamer(
+                source,
+                press.session,
+                start,
+                self._chunk(),
+                post=self.post,
+                sample_rate=self.s.sample_rate,
+                name=f"streamer-{press.press_id}",
+            )
             press.streamer = streamer
             if press.end_pos is not None:
                 press.end_pos = streamer.finish(press.end_pos)
@@ -482,7 +522,11 @@ class Controller:
 
     def _on_stream_done(self, done: StreamDone) -> None:
         press = self._streaming_press(done.streamer)
-        if press is None or press.phase is not PressPhase.FINALIZING or press.fe_sent_at is not None:
+        if (
+            press is None
+            or press.phase is not PressPhase.FINALIZING
+            or press.fe_sent_at is not None
+        ):
             return  # (its final overtook this report: _on_final has done the below)
         self._force_endpoint_sent(press, done.streamer)
 
@@ -498,16 +542,26 @@ class Controller:
             self._fail_press(press, None, f"streaming failed: {failed.reason}")
             return
         session = press.session
-        self._session_failed(press, SessionClosed(
-            code=None, reason=f"streaming failed: {failed.reason}", before_begin=False,
-            policy=protocol.policy_for(None)))
+        self._session_failed(
+            press,
+            SessionClosed(
+                code=None,
+                reason=f"streaming failed: {failed.reason}",
+                before_begin=False,
+                policy=protocol.policy_for(None),
+            ),
+        )
         if session is not None:
             session.close(0)
 
     def _force_endpoint_sent(self, press: Press, streamer: Streamer) -> None:
         """The press's audio and ForceEndpoint are on the wire: wait (bounded) for its final."""
-        log.debug("press %d: ForceEndpoint sent on %s after %d samples", press.press_id,
-                  press.session.name if press.session else "?", streamer.samples_sent)
+        log.debug(
+            "press %d: ForceEndpoint sent on %s after %d samples",
+            press.press_id,
+            press.session.name if press.session else "?",
+            streamer.samples_sent,
+        )
         press.lost_samples += streamer.lost_samples
         press.audio_ms = (streamer.end - press.start_pos) * 1000 / self.s.sample_rate
         press.fe_sent_at = streamer.force_endpoint_at
@@ -523,12 +577,19 @@ class Controller:
     def _on_final(self, press: Press | None, session: Session, final: FinalTurn) -> None:
         turn = final.turn
         if press is None or press.session is not session:
-            log.info("dropping a final that belongs to no live press (turn %d on %s)",
-                     turn.turn_order, getattr(session, "name", "?"))
+            log.info(
+                "dropping a final that belongs to no live press (turn %d on %s)",
+                turn.turn_order,
+                getattr(session, "name", "?"),
+            )
             return
         streamer = press.streamer
-        if (press.phase is PressPhase.FINALIZING and press.fe_sent_at is None
-                and streamer is not None and streamer.force_endpoint_at):
+        if (
+            press.phase is PressPhase.FINALIZING
+            and press.fe_sent_at is None
+            and streamer is not None
+            and streamer.force_endpoint_at
+        ):
             # The server answered the ForceEndpoint before the streamer's StreamDone reached this
             # queue (the streamer marks it before sending, so the mark is there by now): this is
             # the press's last final, not a turn the server ended on silence mid-press.
@@ -546,12 +607,14 @@ class Controller:
         press.last_partial = ""
         last_word_end = max((w.end for w in turn.words), default=None)
         if last_word_end is not None:
-            ring_pos = press.start_pos + int((last_word_end - press.stream_base_ms)
-                                             * self.s.sample_rate / 1000)
+            ring_pos = press.start_pos + int(
+                (last_word_end - press.stream_base_ms) * self.s.sample_rate / 1000
+            )
             # a word time beyond the audio sent is the server's nonsense: never past the end
             source_end = press.audio.end if press.audio is not None else self.ring.end
-            ring_pos = min(ring_pos, source_end if press.end_pos is None
-                           else min(press.end_pos, source_end))
+            ring_pos = min(
+                ring_pos, source_end if press.end_pos is None else min(press.end_pos, source_end)
+            )
             press.replay_pos = max(press.replay_pos or press.start_pos, ring_pos)
         if last and press.phase is PressPhase.FINALIZING:
             self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=True)
@@ -562,13 +625,17 @@ class Controller:
         its own session, within ``final_timeout_s`` of that end, while that session is only
         ending or kept warm (not abandoned, not serving a later press): the server was slower
         than the short wait. It is the press's answer after all, so it is delivered (once)."""
-        if (not press.waited_out or press.session is not session
-                or not final.turn.transcript
-                or (session not in self._closing and session is not self._warm)  # given up
-                or self._clock() > press.ended_at + self.s.final_timeout_s):
+        if (
+            not press.waited_out
+            or press.session is not session
+            or not final.turn.transcript
+            or (session not in self._closing and session is not self._warm)  # given up
+            or self._clock() > press.ended_at + self.s.final_timeout_s
+        ):
             return False
-        log.warning("press %d: final arrived after its wait ended; delivering it late",
-                    press.press_id)
+        log.warning(
+            "press %d: final arrived after its wait ended; delivering it late", press.press_id
+        )
         press.late_final()
         self.last_final = self._final_event(press, session, final.turn)
         self._emit(self.last_final)
@@ -591,9 +658,16 @@ class Controller:
             extra["engine"] = "local"
         if turn.language_code and isinstance(turn.language_code, str):
             extra["language_code"] = turn.language_code
-        return events.final_event(turn.transcript, turn.turn_order, session.id or "",
-                                  press.press_id, self._audio_ms(press), latency,
-                                  ts=time.time(), **extra)
+        return events.final_event(
+            turn.transcript,
+            turn.turn_order,
+            session.id or "",
+            press.press_id,
+            self._audio_ms(press),
+            latency,
+            ts=time.time(),
+            **extra,
+        )
 
     def _audio_ms(self, press: Press) -> int:
         if press.audio_ms:
@@ -613,8 +687,11 @@ class Controller:
             return
         if press.phase is PressPhase.DELIVERING:  # its last final is already out
             self._end(press, Outcome.FINAL, terminate=False)
-        elif (closed.policy.kind == "normal" and press.fe_sent_at is not None
-              and not press.last_partial):  # ended cleanly after ForceEndpoint, nothing said
+        elif (
+            closed.policy.kind == "normal"
+            and press.fe_sent_at is not None
+            and not press.last_partial
+        ):  # ended cleanly after ForceEndpoint, nothing said
             self._end(press, Outcome.FINAL if press.finals else Outcome.SILENT, terminate=False)
         else:
             self._session_failed(press, closed)
@@ -656,13 +733,21 @@ class Controller:
 
     def _fall_back(self, press: Press, closed: SessionClosed) -> bool:
         """[stt] fallback = "local": the cloud is unreachable or refuses (not 1008) -> go local."""
-        if (not self.s.fallback or press.engine == "local"
-                or closed.policy.kind not in ("transport", "server", "rate_limited", "idle")):
+        if (
+            not self.s.fallback
+            or press.engine == "local"
+            or closed.policy.kind not in ("transport", "server", "rate_limited", "idle")
+        ):
             return False
         press.engine = "local"
         self._cloud_retry_at = self._clock() + self.s.fallback_retry_s
-        self._emit(events.error_event(closed.code, f"{closed.describe()}; using the local engine "
-                                      f"for {self.s.fallback_retry_s:g} s", 0.0))
+        self._emit(
+            events.error_event(
+                closed.code,
+                f"{closed.describe()}; using the local engine for {self.s.fallback_retry_s:g} s",
+                0.0,
+            )
+        )
         press.move(PressPhase.WAITING, self._clock())
         self._refresh_state()
         return True
@@ -674,8 +759,9 @@ class Controller:
             log.error("server reported a pttd bug: %s", message)
         self._emit(events.error_event(closed.code, message, retry_in))
 
-    def _fail_press(self, press: Press, code: int | None, message: str, *,
-                    bug: bool = False) -> None:
+    def _fail_press(
+        self, press: Press, code: int | None, message: str, *, bug: bool = False
+    ) -> None:
         """End a press with the one error event that says why (it carries the press's id)."""
         if press.ended:
             return
@@ -733,14 +819,23 @@ class Controller:
         warm_s = self.s.keep_warm_s
         if self._budgeted(press) and terminate:
             warm_s = max(warm_s, self._budget.warm_s())
-        keep = (terminate and press.outcome in (Outcome.FINAL, Outcome.SILENT)
-                and warm_s > 0 and session.is_open
-                and self._stopping is None and self._warm is None
-                and _lifetime_left(session) > warm_s + EXPIRY_MARGIN_S)
+        keep = (
+            terminate
+            and press.outcome in (Outcome.FINAL, Outcome.SILENT)
+            and warm_s > 0
+            and session.is_open
+            and self._stopping is None
+            and self._warm is None
+            and _lifetime_left(session) > warm_s + EXPIRY_MARGIN_S
+        )
         if keep:
             if warm_s > self.s.keep_warm_s:
-                log.info("press %d: keeping its session %.1f s for the next press (the account's "
-                         "new-session budget is spent)", press.press_id, warm_s)
+                log.info(
+                    "press %d: keeping its session %.1f s for the next press (the account's "
+                    "new-session budget is spent)",
+                    press.press_id,
+                    warm_s,
+                )
             self._warm, self._warm_until = session, self._clock() + warm_s
         elif terminate and session.is_open:
             self._closing.add(session)
@@ -803,19 +898,27 @@ class Controller:
             session, press.session = press.session, None
             if session is not None:
                 session.close(0)
-            self._fail_press(press, None, "no session within "
-                             f"{self.s.connect_deadline_s:g} s of asking for one")
+            self._fail_press(
+                press, None, f"no session within {self.s.connect_deadline_s:g} s of asking for one"
+            )
         elif phase is PressPhase.STREAMING:
-            log.warning("press %d held for %g s: releasing it (a stuck button?)",
-                        press.press_id, self.s.max_press_s)
+            log.warning(
+                "press %d held for %g s: releasing it (a stuck button?)",
+                press.press_id,
+                self.s.max_press_s,
+            )
             self._release(press, time.monotonic())
         elif phase is PressPhase.FINALIZING and press.fe_sent_at is not None:
             self._final_overdue(press)
         elif phase is PressPhase.FINALIZING:
             self._fail_press(press, None, "the press's audio could not be sent in time")
         elif phase is PressPhase.DELIVERING:
-            log.debug("press %d: final not out in %g s (a slow output, e.g. typing); "
-                      "ending the press anyway", press.press_id, FINAL_OUT_WAIT_S)
+            log.debug(
+                "press %d: final not out in %g s (a slow output, e.g. typing); "
+                "ending the press anyway",
+                press.press_id,
+                FINAL_OUT_WAIT_S,
+            )
             self._end(press, Outcome.FINAL, terminate=True)
 
     def _keep_waiting_audio(self) -> None:
@@ -829,25 +932,36 @@ class Controller:
         """
         from pttd.audio.ring import snapshot
 
-        waiting = [p for p in self._live() if p.phase is PressPhase.WAITING
-                   and p.end_pos is not None]
+        waiting = [
+            p for p in self._live() if p.phase is PressPhase.WAITING and p.end_pos is not None
+        ]
         for press in waiting:
-            if (press.audio is None and press.spool is None
-                    and self.ring.end >= press.end_pos + self._chunk()):
+            if (
+                press.audio is None
+                and press.spool is None
+                and self.ring.end >= press.end_pos + self._chunk()
+            ):
                 start = press.replay_pos if press.replay_pos is not None else press.start_pos
                 press.audio = snapshot(self.ring, start, press.end_pos + self._chunk())
                 press.lost_samples += press.audio.start - start
                 self._spool_press(press)
-            elif press.audio is not None and press.spool is not None \
-                    and press.spool.state == "written":
+            elif (
+                press.audio is not None
+                and press.spool is not None
+                and press.spool.state == "written"
+            ):
                 press.audio = None
         waiting = [p for p in waiting if not p.ended]
         limit = int(self.s.offline_queue_s * self.s.sample_rate)
         kept = [p for p in waiting if p.audio is not None]
         while kept and sum(p.audio.samples for p in kept) > limit:
             oldest = kept.pop(0)
-            self._fail_press(oldest, None, f"press {oldest.press_id} dropped: more than "
-                             f"{self.s.offline_queue_s:g} s of audio waiting for the network")
+            self._fail_press(
+                oldest,
+                None,
+                f"press {oldest.press_id} dropped: more than "
+                f"{self.s.offline_queue_s:g} s of audio waiting for the network",
+            )
 
     def _chunk(self) -> int:
         return protocol.frame_samples(self.s.chunk_ms, self.s.sample_rate)
@@ -859,8 +973,12 @@ class Controller:
         unfinished_words = bool(press.last_partial) and not press.overdue_replayed
         if session is None or (error is None and not unfinished_words):
             if press.last_partial:
-                self._fail_press(press, None, "no end-of-turn after ForceEndpoint, on two "
-                                 f"sessions; the turn's words were: {press.last_partial}")
+                self._fail_press(
+                    press,
+                    None,
+                    "no end-of-turn after ForceEndpoint, on two "
+                    f"sessions; the turn's words were: {press.last_partial}",
+                )
                 return
             log.info("press %d: no end-of-turn after ForceEndpoint; finishing", press.press_id)
             press.waited_out = True
@@ -870,8 +988,9 @@ class Controller:
         code = error.code if error else None
         reason = error.message if error else "no end-of-turn after ForceEndpoint"
         log.info("press %d: %s; replaying on a new session", press.press_id, reason)
-        closed = SessionClosed(code=code, reason=reason, before_begin=False,
-                               policy=protocol.policy_for(code, reason))
+        closed = SessionClosed(
+            code=code, reason=reason, before_begin=False, policy=protocol.policy_for(code, reason)
+        )
         self._session_failed(press, closed)
         session.close(0)
 
@@ -882,9 +1001,13 @@ class Controller:
             self._open_session(press)
             return
         if press.end_pos is not None and press.end_pos <= self.ring.start:
-            self._fail_press(press, None, f"press {press.press_id}: its audio was "
-                             "overwritten before the server could be reached "
-                             f"(the ring buffer holds {self.ring.capacity // self.s.sample_rate} s)")
+            self._fail_press(
+                press,
+                None,
+                f"press {press.press_id}: its audio was "
+                "overwritten before the server could be reached "
+                f"(the ring buffer holds {self.ring.capacity // self.s.sample_rate} s)",
+            )
             return
         if oldest < self.ring.start:
             press.lost_samples += self.ring.start - oldest
@@ -903,19 +1026,31 @@ class Controller:
         pcm = audio.read(audio.start, audio.samples).data
         size = self._spool.file_size(len(pcm) // 2)
         if size > self._spool.max_bytes or not self._make_room(size):
-            log.warning("press %d: %.1f s of audio does not fit in the spool (max %g MB): it "
-                        "waits in memory only", press.press_id, len(pcm) / 2 / self.s.sample_rate,
-                        self._spool.max_bytes / 1048576)
+            log.warning(
+                "press %d: %.1f s of audio does not fit in the spool (max %g MB): it "
+                "waits in memory only",
+                press.press_id,
+                len(pcm) / 2 / self.s.sample_rate,
+                self._spool.max_bytes / 1048576,
+            )
             return
         now_wall, now_mono = time.time(), time.monotonic()
         released = press.released_at if press.released_at is not None else now_mono
-        meta = {"press_id": press.press_id, "pressed_at": press.pressed_wall,
-                "released_at": now_wall - (now_mono - released), "spooled_at": now_wall,
-                "sample_rate": self.s.sample_rate, "audio_start": audio.start,
-                "start_pos": press.start_pos, "end_pos": press.end_pos,
-                "replay_pos": press.replay_pos, "lost_samples": press.lost_samples,
-                "engine": press.engine, "attempts": press.attempts,
-                "why": self._net_down or "waiting for an earlier press or a retry"}
+        meta = {
+            "press_id": press.press_id,
+            "pressed_at": press.pressed_wall,
+            "released_at": now_wall - (now_mono - released),
+            "spooled_at": now_wall,
+            "sample_rate": self.s.sample_rate,
+            "audio_start": audio.start,
+            "start_pos": press.start_pos,
+            "end_pos": press.end_pos,
+            "replay_pos": press.replay_pos,
+            "lost_samples": press.lost_samples,
+            "engine": press.engine,
+            "attempts": press.attempts,
+            "why": self._net_down or "waiting for an earlier press or a retry",
+        }
         press.spool = self._spool.add(meta, pcm, self._spool_written)
 
     def _spool_written(self, entry, error: str | None) -> None:
@@ -928,15 +1063,18 @@ class Controller:
         spooled = [p for p in self._live() if p.spool is not None]
         kept = [p for p in self._presses if p.outcome is Outcome.SPOOLED]  # (pttd is stopping)
         total = sum(p.spool.size for p in spooled + kept)
-        candidates = [p for p in spooled
-                      if p.phase in (PressPhase.WAITING, PressPhase.CONNECTING)]
+        candidates = [p for p in spooled if p.phase in (PressPhase.WAITING, PressPhase.CONNECTING)]
         while total + size > self._spool.max_bytes and candidates:
             oldest = candidates.pop(0)
             total -= oldest.spool.size
-            self._fail_press(oldest, None, f"press {oldest.press_id} dropped: the spool holds at "
-                             f"most {self._spool.max_bytes / 1048576:g} MB of presses waiting for "
-                             f"the network (spool.max_mb); {self._spool.dir / oldest.spool.name} "
-                             "removed")
+            self._fail_press(
+                oldest,
+                None,
+                f"press {oldest.press_id} dropped: the spool holds at "
+                f"most {self._spool.max_bytes / 1048576:g} MB of presses waiting for "
+                f"the network (spool.max_mb); {self._spool.dir / oldest.spool.name} "
+                "removed",
+            )
         return total + size <= self._spool.max_bytes
 
     def _on_spool_done(self, done: SpoolDone) -> None:
@@ -945,9 +1083,15 @@ class Controller:
             done.entry.state = "failed"
             if press is not None and not press.ended:
                 press.spool = None  # its audio is still in memory: it waits there
-                self._emit(events.error_event(None, f"press {press.press_id}: cannot write it to "
-                                              f"the spool ({done.error}); it waits in memory "
-                                              "only", None))
+                self._emit(
+                    events.error_event(
+                        None,
+                        f"press {press.press_id}: cannot write it to "
+                        f"the spool ({done.error}); it waits in memory "
+                        "only",
+                        None,
+                    )
+                )
                 if self._stopping is not None and press.phase is PressPhase.WAITING:
                     self._fail_press(press, None, "pttd stopped before this press could be sent")
             return
@@ -968,8 +1112,10 @@ class Controller:
             if self._spool.max_age_s and age_s(entry.meta) > self._spool.max_age_s:
                 raise SpoolError(self._too_old(press))
             if entry.meta.get("sample_rate") != self.s.sample_rate:
-                raise SpoolError(f"recorded at {entry.meta.get('sample_rate')} Hz, and "
-                                 f"audio.sample_rate is now {self.s.sample_rate}")
+                raise SpoolError(
+                    f"recorded at {entry.meta.get('sample_rate')} Hz, and "
+                    f"audio.sample_rate is now {self.s.sample_rate}"
+                )
             pcm = self._spool.read(entry)
         except SpoolError as exc:
             message = str(exc)
@@ -982,9 +1128,11 @@ class Controller:
 
     def _too_old(self, press: Press) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(press.pressed_wall or 0))
-        return (f"press {press.press_id} dropped: it waited more than "
-                f"{self._spool.max_age_s / 3600:g} h for the network (spool.max_age_h; "
-                f"pressed at {when})")
+        return (
+            f"press {press.press_id} dropped: it waited more than "
+            f"{self._spool.max_age_s / 3600:g} h for the network (spool.max_age_h; "
+            f"pressed at {when})"
+        )
 
     def _expire_spooled(self) -> None:
         """Spooled presses waiting past ``max_age_h`` end with an error (oldest first; none is
@@ -994,8 +1142,13 @@ class Controller:
         from pttd.core.spool import age_s
 
         now = time.time()
-        old = [p for p in self._live() if p.spool is not None and p.phase is PressPhase.WAITING
-               and age_s(p.spool.meta, now) > self._spool.max_age_s]
+        old = [
+            p
+            for p in self._live()
+            if p.spool is not None
+            and p.phase is PressPhase.WAITING
+            and age_s(p.spool.meta, now) > self._spool.max_age_s
+        ]
         if not old:
             return
         draining, self._draining = self._draining, True
@@ -1043,13 +1196,17 @@ class Controller:
             if p.ended or p.end_pos is None:
                 continue
             if p.phase is PressPhase.WAITING or (
-                    p.phase is PressPhase.CONNECTING and (p.late or p.spool is not None)):
+                p.phase is PressPhase.CONNECTING and (p.late or p.spool is not None)
+            ):
                 n += 1
                 start = p.replay_pos if p.replay_pos is not None else p.start_pos
                 samples += max(0, p.end_pos - start)
                 on_disk += p.spool is not None and p.spool.state == "written"
-        waiting = {"waiting": n, "waiting_s": round(samples / self.s.sample_rate, 1),
-                   "spooled": on_disk}
+        waiting = {
+            "waiting": n,
+            "waiting_s": round(samples / self.s.sample_rate, 1),
+            "spooled": on_disk,
+        }
         if waiting != self.waiting:
             self.waiting = waiting
         budget = self._budget.snapshot()

@@ -5,6 +5,7 @@ woken thread must then take the producer's mutex again. ``SimpleQueue`` does a p
 in C under one lock, which roughly halves the cost and the latency of every hop on the Turn ->
 final path (receiver -> controller -> output). What it lacks is a bound, added here.
 """
+
 from __future__ import annotations
 
 import queue

@@ -15,6 +15,7 @@ event carrying its ``press_id`` said why not, nothing was said (``silent``), or 
 cancelled it (``cancelled``). A press still waiting for the network when pttd stops is left in
 the spool (``spooled``): the next run loads it, under the same id, and ends it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -22,21 +23,21 @@ from dataclasses import dataclass
 
 
 class PressPhase(str, enum.Enum):
-    WAITING = "waiting"          # no session: queued behind the network / an earlier press, or backing off
-    CONNECTING = "connecting"    # a session is opening (no audio sent yet)
-    STREAMING = "streaming"      # held: audio flows
-    FINALIZING = "finalizing"    # released: the rest of the audio, ForceEndpoint, then the final
-    DELIVERING = "delivering"    # the last final is with the outputs; ends once they have it
+    WAITING = "waiting"  # no session: queued behind the network / an earlier press, or backing off
+    CONNECTING = "connecting"  # a session is opening (no audio sent yet)
+    STREAMING = "streaming"  # held: audio flows
+    FINALIZING = "finalizing"  # released: the rest of the audio, ForceEndpoint, then the final
+    DELIVERING = "delivering"  # the last final is with the outputs; ends once they have it
     ENDED = "ended"
 
 
 class Outcome(str, enum.Enum):
     FINAL = "final"
     ERROR = "error"
-    SILENT = "silent"            # no words: the server's answer was empty, or none came
+    SILENT = "silent"  # no words: the server's answer was empty, or none came
     CANCELLED = "cancelled"
-    SPOOLED = "spooled"          # pttd stopped with it waiting: its file in the spool carries it
-                                 # to the next run, which ends it (it gets no event in this one)
+    SPOOLED = "spooled"  # pttd stopped with it waiting: its file in the spool carries it
+    # to the next run, which ends it (it gets no event in this one)
 
 
 _P = PressPhase
@@ -59,33 +60,33 @@ class Press:
     """What the controller knows of one press. ``phase`` and ``deadline`` change together."""
 
     press_id: int
-    start_pos: int                       # ring position of the first sample (pre-roll included)
+    start_pos: int  # ring position of the first sample (pre-roll included)
     pressed_at: float
     phase: PressPhase = PressPhase.WAITING
-    deadline: float | None = None        # controller clock; None only for a queued wait
-    outcome: Outcome | None = None       # set once, on the move to ENDED (see late_final)
+    deadline: float | None = None  # controller clock; None only for a queued wait
+    outcome: Outcome | None = None  # set once, on the move to ENDED (see late_final)
     ended_at: float | None = None
     released_at: float | None = None
-    end_pos: int | None = None           # requested end (release + post-roll)
-    session: object = None               # the Session (or the local engine's) while one is open
+    end_pos: int | None = None  # requested end (release + post-roll)
+    session: object = None  # the Session (or the local engine's) while one is open
     streamer: object = None
-    stream_base_ms: float = 0.0          # session stream time at this press's first sample
-    replay_pos: int | None = None        # ring position to resume from after a failure
-    attempts: int = 0                    # sessions opened for it
+    stream_base_ms: float = 0.0  # session stream time at this press's first sample
+    replay_pos: int | None = None  # ring position to resume from after a failure
+    attempts: int = 0  # sessions opened for it
     stream_failures: int = 0
-    fe_sent_at: float | None = None      # ForceEndpoint is on the wire: the next final is the last
+    fe_sent_at: float | None = None  # ForceEndpoint is on the wire: the next final is the last
     heard_speech: bool = False
-    last_partial: str = ""               # text of the turn in progress ("" once finalized)
+    last_partial: str = ""  # text of the turn in progress ("" once finalized)
     overdue_replayed: bool = False
-    waited_out: bool = False             # ended when no final came in its wait: a late one is taken
-    audio: object = None                 # a ring.Snapshot once the press waits offline
+    waited_out: bool = False  # ended when no final came in its wait: a late one is taken
+    audio: object = None  # a ring.Snapshot once the press waits offline
     finals: int = 0
-    engine: str = "cloud"                # "cloud" or "local" (the offline engine)
-    late: bool = False                   # delivered after the network came back
+    engine: str = "cloud"  # "cloud" or "local" (the offline engine)
+    late: bool = False  # delivered after the network came back
     lost_samples: int = 0
     audio_ms: float = 0.0
-    pressed_wall: float | None = None    # unix time of the press ("pressed_at" of a late final)
-    spool: object = None                 # its spool.SpoolEntry once written (or loaded at start-up)
+    pressed_wall: float | None = None  # unix time of the press ("pressed_at" of a late final)
+    spool: object = None  # its spool.SpoolEntry once written (or loaded at start-up)
 
     @property
     def released(self) -> bool:

@@ -20,6 +20,7 @@ write of its file), so the controller never waits for the disk; it hears of each
 the ``done`` callback (it posts to its own queue). ``threaded=False`` does the I/O at once on the
 caller's thread (tests that drive the controller step by step).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,17 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pttd.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/var/lib/pttd/spool"
-QUEUE_BOUND = 256                 # writes waiting for the spool thread; past it a press stays in memory
-MAX_META_BYTES = 64 * 1024        # a bigger "pttd" chunk is not one of ours
+QUEUE_BOUND = 256  # writes waiting for the spool thread; past it a press stays in memory
+MAX_META_BYTES = 64 * 1024  # a bigger "pttd" chunk is not one of ours
 FORMAT_VERSION = 1
 NAME = re.compile(r"^(\d{10})-(\d{1,12})\.wav$")
 TEMP = re.compile(r"^\.\d{10}-\d{1,12}\.wav\.tmp$")
@@ -60,9 +61,9 @@ class SpoolEntry:
     seq: int
     press_id: int
     meta: dict
-    size: int                          # bytes on disk
-    state: str = "pending"             # pending (being written) | written | failed
-    restored: bool = False             # loaded at start-up (written by an earlier run)
+    size: int  # bytes on disk
+    state: str = "pending"  # pending (being written) | written | failed
+    restored: bool = False  # loaded at start-up (written by an earlier run)
     blob: bytes | None = field(default=None, repr=False)  # the file's bytes until written
 
     @property
@@ -77,9 +78,16 @@ def encode(meta: dict, pcm: bytes) -> bytes:
     if len(body) % 2:
         body += b" "  # chunks are word-aligned: pad with JSON whitespace
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
-    chunks = (b"fmt " + struct.pack("<I", len(fmt)) + fmt
-              + b"pttd" + struct.pack("<I", len(body)) + body
-              + b"data" + struct.pack("<I", len(pcm)))
+    chunks = (
+        b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"pttd"
+        + struct.pack("<I", len(body))
+        + body
+        + b"data"
+        + struct.pack("<I", len(pcm))
+    )
     return b"RIFF" + struct.pack("<I", 4 + len(chunks) + len(pcm)) + b"WAVE" + chunks + pcm
 
 
@@ -89,11 +97,13 @@ def decode_header(head: bytes, file_size: int) -> tuple[dict, int]:
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise ValueError("not a RIFF/WAVE file")
     if struct.unpack_from("<I", head, 4)[0] + 8 != file_size:
-        raise ValueError(f"RIFF size says {struct.unpack_from('<I', head, 4)[0] + 8} bytes, "
-                         f"the file has {file_size} (truncated?)")
+        raise ValueError(
+            f"RIFF size says {struct.unpack_from('<I', head, 4)[0] + 8} bytes, "
+            f"the file has {file_size} (truncated?)"
+        )
     pos, meta, rate = 12, None, None
     while pos + 8 <= len(head):
-        kind, size = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+        kind, size = head[pos : pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
         pos += 8
         if kind == b"data":
             if meta is None or rate is None:
@@ -110,7 +120,7 @@ def decode_header(head: bytes, file_size: int) -> tuple[dict, int]:
             if (fmt_tag, channels, bits) != (1, 1, 16):
                 raise ValueError("not 16-bit mono PCM")
         elif kind == b"pttd":
-            meta = json.loads(head[pos:pos + size])
+            meta = json.loads(head[pos : pos + size])
             if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
                 raise ValueError("not a pttd spool header of this version")
             for key in ("press_id", "samples", "sample_rate", "crc32", "audio_start"):
@@ -123,8 +133,14 @@ def decode_header(head: bytes, file_size: int) -> tuple[dict, int]:
 class Spool:
     """One directory of waiting presses. Not thread-safe: one owner (the controller) calls it."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_bytes: int, max_age_s: float,
-                 threaded: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_bytes: int,
+        max_age_s: float,
+        threaded: bool = True,
+    ):
         self.dir = Path(directory)
         self.max_bytes = int(max_bytes)
         self.max_age_s = float(max_age_s)
@@ -132,7 +148,7 @@ class Spool:
         self._next_seq = 1
         self._q = Mailbox(QUEUE_BOUND)
         self._thread: threading.Thread | None = None
-        self.bytes_written = 0             # by this run (bench: bytes per spooled second)
+        self.bytes_written = 0  # by this run (bench: bytes per spooled second)
         self.files_written = 0
 
     # --- start-up ------------------------------------------------------------------------------
@@ -177,19 +193,28 @@ class Spool:
 
     # --- the owner's calls -----------------------------------------------------------------------
 
-    def add(self, meta: dict, pcm: bytes, done: Callable[[SpoolEntry, str | None], None]
-            ) -> SpoolEntry | None:
+    def add(
+        self, meta: dict, pcm: bytes, done: Callable[[SpoolEntry, str | None], None]
+    ) -> SpoolEntry | None:
         """Queue a press's file for writing; ``done(entry, error)`` follows (on the spool
         thread). None when the queue is full (the press then stays in memory only)."""
         seq = self._next_seq
-        meta = dict(meta, version=FORMAT_VERSION, samples=len(pcm) // 2,
-                    crc32=zlib.crc32(pcm))
+        meta = dict(meta, version=FORMAT_VERSION, samples=len(pcm) // 2, crc32=zlib.crc32(pcm))
         blob = encode(meta, pcm)
-        entry = SpoolEntry(f"{seq:010d}-{int(meta['press_id'])}.wav", seq, int(meta["press_id"]),
-                           meta, len(blob), blob=blob)
+        entry = SpoolEntry(
+            f"{seq:010d}-{int(meta['press_id'])}.wav",
+            seq,
+            int(meta["press_id"]),
+            meta,
+            len(blob),
+            blob=blob,
+        )
         if not self._submit(("write", entry, done)):
-            log.error("spool: %d writes queued already; press %d stays in memory only",
-                      QUEUE_BOUND, entry.press_id)
+            log.error(
+                "spool: %d writes queued already; press %d stays in memory only",
+                QUEUE_BOUND,
+                entry.press_id,
+            )
             return None
         self._next_seq += 1
         return entry
@@ -204,10 +229,11 @@ class Spool:
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
-            meta, offset = decode_header(data[:MAX_META_BYTES + 64], len(data))
+            meta, offset = decode_header(data[: MAX_META_BYTES + 64], len(data))
         except (OSError, ValueError) as exc:
-            raise SpoolError(f"its spool file {path} cannot be read: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise SpoolError(
+                f"its spool file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         pcm = data[offset:]
         if zlib.crc32(pcm) != meta["crc32"]:
             raise SpoolError(f"its spool file {path} is damaged (CRC mismatch)")
@@ -226,8 +252,11 @@ class Spool:
         self._q.put_marker(None)
         thread.join(max(0.0, timeout))
         if thread.is_alive():
-            log.error("spool: writes still pending after %.1f s (a slow or hung disk); a file "
-                      "cut short is removed at the next start", timeout)
+            log.error(
+                "spool: writes still pending after %.1f s (a slow or hung disk); a file "
+                "cut short is removed at the next start",
+                timeout,
+            )
             return False
         return True
 
@@ -281,8 +310,9 @@ class Spool:
         """Temp name, fsync, rename, fsync the directory: a file is whole or absent."""
         blob = entry.blob or b""
         tmp = self.dir / f".{entry.name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         try:
             view = memoryview(blob)
             while view:
@@ -339,10 +369,14 @@ def open_spool(cfg, *, threaded: bool = True) -> Spool | None:
         return None
     path = Path(cfg.dir)
     default = cfg.dir == DEFAULT_DIR
-    if default and not (path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)
-                        or path.is_dir()):
-        log.info("spool: %s is not there (no StateDirectory=pttd): presses waiting for the "
-                 "network are kept in memory only", path.parent)
+    if default and not (
+        path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK) or path.is_dir()
+    ):
+        log.info(
+            "spool: %s is not there (no StateDirectory=pttd): presses waiting for the "
+            "network are kept in memory only",
+            path.parent,
+        )
         return None
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -355,14 +389,24 @@ def open_spool(cfg, *, threaded: bool = True) -> Spool | None:
             raise PermissionError(13, "permission denied")
     except OSError as exc:
         if default:
-            log.warning("spool: cannot use %s (%s): presses waiting for the network are kept "
-                        "in memory only", path, exc.strerror or exc)
+            log.warning(
+                "spool: cannot use %s (%s): presses waiting for the network are kept "
+                "in memory only",
+                path,
+                exc.strerror or exc,
+            )
             return None
-        raise SpoolError(f"spool.dir = {cfg.dir!r}: cannot use it: "
-                         f"{(exc.strerror or str(exc)).lower()} "
-                         '(set spool.dir = "" to keep waiting presses in memory only)') from None
-    return Spool(path, max_bytes=int(cfg.max_mb * 1024 * 1024), max_age_s=cfg.max_age_h * 3600,
-                 threaded=threaded)
+        raise SpoolError(
+            f"spool.dir = {cfg.dir!r}: cannot use it: "
+            f"{(exc.strerror or str(exc)).lower()} "
+            '(set spool.dir = "" to keep waiting presses in memory only)'
+        ) from None
+    return Spool(
+        path,
+        max_bytes=int(cfg.max_mb * 1024 * 1024),
+        max_age_s=cfg.max_age_h * 3600,
+        threaded=threaded,
+    )
 
 
 def age_s(meta: dict, now: float | None = None) -> float:

@@ -12,13 +12,14 @@ is known, the last frame takes the remainder (one to two chunks, split in two if
 the server's 1000 ms), so the turn ends exactly at the end of the post-roll and ForceEndpoint
 follows as soon as that audio is captured; every frame stays within the server's 50-1000 ms.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pttd.stt.assemblyai.protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_samples
 
@@ -34,21 +35,30 @@ class StreamDone:
     """Posted to the controller when the last frame and ForceEndpoint are sent (the streamer's
     ``samples_sent``, ``lost_samples`` and ``force_endpoint_at`` are final by then)."""
 
-    streamer: "Streamer"
+    streamer: Streamer
 
 
 @dataclass(frozen=True)
 class StreamFailed:
-    streamer: "Streamer"
+    streamer: Streamer
     reason: str
 
 
 class Streamer:
     """Owns a read cursor; the controller sets the end with :meth:`finish`."""
 
-    def __init__(self, ring, session, start_pos: int, chunk_samples: int, *,
-                 post: Callable[[object], None], sample_rate: int, max_lead_s: float = MAX_LEAD_S,
-                 name: str = "streamer"):
+    def __init__(
+        self,
+        ring,
+        session,
+        start_pos: int,
+        chunk_samples: int,
+        *,
+        post: Callable[[object], None],
+        sample_rate: int,
+        max_lead_s: float = MAX_LEAD_S,
+        name: str = "streamer",
+    ):
         self.ring = ring
         self.session = session
         self.start_pos = start_pos
@@ -60,7 +70,7 @@ class Streamer:
         self._post = post
         self._end: int | None = None
         self._lock = threading.Lock()  # _end and _claimed: finish() vs. the frames being sent
-        self._claimed = start_pos      # where the frames on their way to the wire end
+        self._claimed = start_pos  # where the frames on their way to the wire end
         self._stop = threading.Event()
         self.cursor = start_pos
         self.samples_sent = 0
@@ -174,7 +184,7 @@ class Streamer:
             return True
         data, frames, off, padding = result.data, [], 0, 0
         for n in sizes:
-            frame = data[off:off + 2 * n]
+            frame = data[off : off + 2 * n]
             off += 2 * n
             if n < self._min_frame:  # only after lost audio: pad to keep the frame legal
                 frame += bytes(2 * (self.chunk - n))

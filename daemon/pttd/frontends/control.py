@@ -19,6 +19,7 @@ Command connections and subscribers have separate caps (``max_clients``, ``max_s
 when ``max_clients`` command connections are open a new one takes the place of the one idle
 longest, so a command always finds a slot. A full subscriber list refuses the next ``subscribe``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,7 +33,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class RequestError(ValueError):
 
 
 # --- protocol helpers (shared with other front ends, e.g. the kiosk WebSocket) -------------------
+
 
 def parse_request(data: bytes | str) -> str:
     """Validate one request line and return its command, or raise :class:`RequestError`."""
@@ -99,35 +101,55 @@ def encode(obj: dict) -> bytes:
 
 # --- server ---------------------------------------------------------------------------------------
 
+
 class _Client:
     """One connection's buffers; ``out`` is shared with ``publish`` under the server lock."""
 
-    __slots__ = ("sock", "inbuf", "out", "offset", "subscribed", "eof", "closing", "overflow",
-                 "mask", "fd", "deadline")
+    __slots__ = (
+        "sock",
+        "inbuf",
+        "out",
+        "offset",
+        "subscribed",
+        "eof",
+        "closing",
+        "overflow",
+        "mask",
+        "fd",
+        "deadline",
+    )
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.inbuf = bytearray()
         self.out: collections.deque[bytes] = collections.deque()
-        self.offset = 0          # bytes of out[0] already sent
+        self.offset = 0  # bytes of out[0] already sent
         self.subscribed = False
-        self.eof = False         # peer shut down its sending side
-        self.closing = False     # close once ``out`` is flushed
-        self.overflow = False    # set by publish: fell behind, drop it
-        self.mask = 0            # selector events currently registered
+        self.eof = False  # peer shut down its sending side
+        self.closing = False  # close once ``out`` is flushed
+        self.overflow = False  # set by publish: fell behind, drop it
+        self.mask = 0  # selector events currently registered
         self.deadline = deadline  # monotonic time by which the next request must be complete
 
 
 class ControlServer:
     """Serves the control socket on one selector thread; see the module docstring for why."""
 
-    def __init__(self, path: str, handle: Callable[[str], dict], max_clients: int = 16,
-                 subscriber_queue: int = 256, max_subscribers: int = 16,
-                 idle_timeout: float = IDLE_TIMEOUT_S):
+    def __init__(
+        self,
+        path: str,
+        handle: Callable[[str], dict],
+        max_clients: int = 16,
+        subscriber_queue: int = 256,
+        max_subscribers: int = 16,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ):
         if min(max_clients, subscriber_queue, max_subscribers) < 1 or idle_timeout <= 0:
-            raise ValueError("max_clients, subscriber_queue and max_subscribers must be at least 1 "
-                             "and idle_timeout positive")
+            raise ValueError(
+                "max_clients, subscriber_queue and max_subscribers must be at least 1 "
+                "and idle_timeout positive"
+            )
         self.path = os.fspath(path)
         self._handle = handle
         self._max_clients = max_clients
@@ -154,8 +176,9 @@ class ControlServer:
             raise RuntimeError("a ControlServer starts once; make a new one")
         # room for a burst of connections while the thread is busy (a full backlog makes a
         # client's connect fail with EAGAIN; request() retries that within its timeout)
-        self._listener = _bind_listener(self.path,
-                                        backlog=max(64, 2 * (self._max_clients + self._max_subs)))
+        self._listener = _bind_listener(
+            self.path, backlog=max(64, 2 * (self._max_clients + self._max_subs))
+        )
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -182,7 +205,7 @@ class ControlServer:
         for s in (self._wake_r, self._wake_w):
             s.close()
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> ControlServer:
         self.start()
         return self
 
@@ -281,10 +304,14 @@ class ControlServer:
         waiting = [c for c in self._clients.values() if not c.subscribed]
         if len(waiting) >= self._max_clients:
             oldest = min(waiting, key=lambda c: c.deadline)
-            self._warn_rarely("control socket: %d clients connected without subscribing; closed "
-                              "the one idle longest to let a new one in", self._max_clients)
-            self._close_with(oldest, f"{self._max_clients} clients connected; closing the one "
-                                     f"idle longest")
+            self._warn_rarely(
+                "control socket: %d clients connected without subscribing; closed "
+                "the one idle longest to let a new one in",
+                self._max_clients,
+            )
+            self._close_with(
+                oldest, f"{self._max_clients} clients connected; closing the one idle longest"
+            )
         client = _Client(sock, time.monotonic() + self._idle_timeout)
         self._clients[client.fd] = client
         self._update(client)
@@ -304,9 +331,14 @@ class ControlServer:
     def _close_idle(self) -> None:
         now = time.monotonic()
         for client in [c for c in self._clients.values() if not c.subscribed and c.deadline <= now]:
-            log.debug("control client %d: no complete request within %g s; closing",
-                      client.fd, self._idle_timeout)
-            self._close_with(client, f"no complete request within {self._idle_timeout:g} s; closing")
+            log.debug(
+                "control client %d: no complete request within %g s; closing",
+                client.fd,
+                self._idle_timeout,
+            )
+            self._close_with(
+                client, f"no complete request within {self._idle_timeout:g} s; closing"
+            )
 
     def _close_with(self, client: _Client, error: str) -> None:
         """Drop ``client``, telling it why when no reply is half-sent (it may not be reading)."""
@@ -336,13 +368,15 @@ class ControlServer:
                 self._process_partial(client)
                 return
             line = bytes(client.inbuf[:end])
-            del client.inbuf[:end + 1]
+            del client.inbuf[: end + 1]
             self._answer(client, line)
 
     def _process_partial(self, client: _Client) -> None:
         if len(client.inbuf) > MAX_LINE:
             client.inbuf.clear()
-            self._reply(client, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+            self._reply(
+                client, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"}
+            )
             client.closing = True
         elif client.eof:
             if client.inbuf.strip():  # a last line without newline
@@ -355,7 +389,9 @@ class ControlServer:
         if not line.strip():
             return
         if len(line) > MAX_LINE:
-            self._reply(client, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+            self._reply(
+                client, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"}
+            )
             client.closing = True
             return
         try:
@@ -373,7 +409,9 @@ class ControlServer:
     def _subscribe(self, client: _Client) -> None:
         """Queue the ok reply and join the subscriber list atomically, so no event precedes it."""
         if self.subscriber_count >= self._max_subs:  # only this thread adds subscribers
-            self._warn_rarely("control: refused a subscriber, %d already subscribed", self._max_subs)
+            self._warn_rarely(
+                "control: refused a subscriber, %d already subscribed", self._max_subs
+            )
             self._reply(client, {"ok": False, "error": f"too many subscribers ({self._max_subs})"})
             client.closing = True
             return
@@ -410,7 +448,7 @@ class ControlServer:
             while client.out:
                 head = client.out[0]
                 try:
-                    sent = client.sock.send(memoryview(head)[client.offset:], socket.MSG_NOSIGNAL)
+                    sent = client.sock.send(memoryview(head)[client.offset :], socket.MSG_NOSIGNAL)
                 except BlockingIOError:
                     return
                 client.offset += sent
@@ -445,8 +483,11 @@ class ControlServer:
             subs = list(self._subs)
         for sub in subs:
             if sub.overflow:
-                log.warning("control: dropping subscriber %d, it fell %d events behind",
-                            sub.fd, self._queue_limit)
+                log.warning(
+                    "control: dropping subscriber %d, it fell %d events behind",
+                    sub.fd,
+                    self._queue_limit,
+                )
                 self._drop(sub)
             elif sub.fd in self._clients:
                 try:
@@ -531,8 +572,10 @@ def _bind_listener(path: str, backlog: int) -> socket.socket:
 def _check_parent(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ControlError(f"control socket directory {parent} does not exist "
-                           f"(create it, e.g. RuntimeDirectory=pttd, or set [control] socket)")
+        raise ControlError(
+            f"control socket directory {parent} does not exist "
+            f"(create it, e.g. RuntimeDirectory=pttd, or set [control] socket)"
+        )
 
 
 def _clear_path(path: str) -> None:
@@ -542,8 +585,10 @@ def _clear_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"control socket path {path} exists and is not a socket; "
-                           f"not removing it (choose another [control] socket)")
+        raise ControlError(
+            f"control socket path {path} exists and is not a socket; "
+            f"not removing it (choose another [control] socket)"
+        )
     if _is_live(path):
         raise SocketInUseError(f"control socket {path} in use by a running pttd")
     log.info("control: replacing stale socket %s", path)
@@ -558,16 +603,19 @@ def _is_live(path: str) -> bool:
         return True
     except (ConnectionRefusedError, FileNotFoundError):
         return False
-    except socket.timeout:
+    except TimeoutError:
         return True  # accept queue full: somebody is listening
     except PermissionError as exc:
-        raise ControlError(f"control socket {path} exists and we may not connect to it "
-                           f"(permission denied); is another pttd running as another user?") from exc
+        raise ControlError(
+            f"control socket {path} exists and we may not connect to it "
+            f"(permission denied); is another pttd running as another user?"
+        ) from exc
     finally:
         probe.close()
 
 
 # --- client (the CLI) -----------------------------------------------------------------------------
+
 
 def request(path: str, cmd: str, timeout: float = 5.0) -> dict:
     """Send one command and return the daemon's reply dict (``ok`` may be false)."""
@@ -627,8 +675,10 @@ def _connect(path: str, timeout: float) -> socket.socket:
         except BlockingIOError as exc:
             sock.close()
             if time.monotonic() >= deadline:
-                raise ControlError(f"timed out after {timeout:g} s connecting to pttd on {path} "
-                                   f"(its connection queue stayed full)") from exc
+                raise ControlError(
+                    f"timed out after {timeout:g} s connecting to pttd on {path} "
+                    f"(its connection queue stayed full)"
+                ) from exc
             time.sleep(0.01)  # the daemon is accepting a burst; a new attempt has room soon
         except BaseException as exc:
             sock.close()
@@ -641,8 +691,10 @@ def _connect_error(path: str, exc: OSError, timeout: float) -> ControlError:
     if isinstance(exc, FileNotFoundError):
         return ControlError(f"no pttd running? socket {path} not found")
     if isinstance(exc, PermissionError):
-        return ControlError(f"permission denied on {path} (add your user to the socket's group, "
-                            f"e.g. pttd, or use sudo)")
+        return ControlError(
+            f"permission denied on {path} (add your user to the socket's group, "
+            f"e.g. pttd, or use sudo)"
+        )
     if isinstance(exc, ConnectionRefusedError):
         return ControlError(f"no pttd running? socket {path} refuses connections (stale file)")
     if isinstance(exc, socket.timeout):
@@ -655,7 +707,7 @@ def _connect_error(path: str, exc: OSError, timeout: float) -> ControlError:
 def _send(sock: socket.socket, path: str, obj: dict, timeout: float | None) -> None:
     try:
         sock.sendall(encode(obj))
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"timed out after {timeout:g} s sending to pttd on {path}") from None
     except OSError as exc:
         raise ControlError(f"pttd on {path} closed the connection: {exc.strerror or exc}") from exc
@@ -664,19 +716,23 @@ def _send(sock: socket.socket, path: str, obj: dict, timeout: float | None) -> N
 def _read_reply(reader, path: str, timeout: float | None) -> dict:
     try:
         line = reader.readline(16 * MAX_LINE)
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"timed out after {timeout:g} s waiting for pttd on {path}") from None
     except OSError as exc:
         raise ControlError(f"connection to pttd on {path} failed: {exc.strerror or exc}") from exc
     if not line:
         raise _Closed(f"pttd on {path} closed the connection without a reply")
     if not line.endswith(b"\n"):  # cut mid-line: a subscriber that fell behind is dropped so
-        raise ControlError(f"pttd on {path} closed the connection mid-line "
-                           f"(a subscriber that reads too slowly is dropped)")
+        raise ControlError(
+            f"pttd on {path} closed the connection mid-line "
+            f"(a subscriber that reads too slowly is dropped)"
+        )
     try:
         obj = json.loads(line)
     except ValueError:
-        raise ControlError(f"pttd on {path} sent something that is not JSON: {line[:80]!r}") from None
+        raise ControlError(
+            f"pttd on {path} sent something that is not JSON: {line[:80]!r}"
+        ) from None
     if not isinstance(obj, dict):
         raise ControlError(f"pttd on {path} sent a non-object reply: {line[:80]!r}")
     return obj

@@ -40,6 +40,7 @@ loop. Each client has a bounded send queue (``client_queue`` messages); a client
 far behind (it stopped reading) is dropped — its TCP connection aborted — and the others carry on.
 Commands go to ``handle`` (``Controller.command``), which only enqueues, so the loop never blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -71,20 +72,32 @@ _WS_LOG.setLevel(logging.INFO)
 
 PAGE_PACKAGE = "pttd.frontends"
 PAGE_DIR = "kiosk_page"
-_PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/kiosk.js": "kiosk.js",
-               "/kiosk.css": "kiosk.css", "/icon.svg": "icon.svg", "/favicon.ico": "icon.svg"}
-_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
-_PAGE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                 ("Content-Security-Policy",
-                  "default-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
-                 ("Referrer-Policy", "no-referrer"))
+_PAGE_FILES = {
+    "/": "index.html",
+    "/index.html": "index.html",
+    "/kiosk.js": "kiosk.js",
+    "/kiosk.css": "kiosk.css",
+    "/icon.svg": "icon.svg",
+    "/favicon.ico": "icon.svg",
+}
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+_PAGE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
+    ("Referrer-Policy", "no-referrer"),
+)
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-_TURN_OVER = ("idle", "finalizing")   # states after which no client holds the button any more
+_TURN_OVER = ("idle", "finalizing")  # states after which no client holds the button any more
 PRESS, RELEASE = "press", "release"
 STOP_GRACE_S = 1.5
-HANDSHAKE_TIMEOUT_S = 5.0   # a connection that has not finished its HTTP request/upgrade is closed
-_WARN_EVERY_S = 10.0        # at most one warning about a connection flood this often
+HANDSHAKE_TIMEOUT_S = 5.0  # a connection that has not finished its HTTP request/upgrade is closed
+_WARN_EVERY_S = 10.0  # at most one warning about a connection flood this often
 
 
 class KioskError(OSError):
@@ -103,7 +116,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class _TrackedConnection(ServerConnection):
     """websockets' connection, reporting its TCP connection's start and end to the kiosk."""
 
-    def __init__(self, *args, kiosk: "KioskServer", **kwargs):
+    def __init__(self, *args, kiosk: KioskServer, **kwargs):
         super().__init__(*args, **kwargs)
         self._kiosk = kiosk
 
@@ -122,33 +135,43 @@ class _Client:
     queue: asyncio.Queue
     peer: str
     dropped: bool = False
-    holding: bool = False   # sent "press" and no "release"/"cancel" yet, and the turn is open
+    holding: bool = False  # sent "press" and no "release"/"cancel" yet, and the turn is open
 
 
 class KioskServer:
     """Sink (``emit``/``close``) plus WebSocket front end for ``handle``; see the module docstring."""
 
-    def __init__(self, listen: str, handle: Callable[[str], dict], *, token: str = "",
-                 allowed_origins: tuple[str, ...] | list[str] = (), max_clients: int = 16,
-                 client_queue: int = 64, max_connections: int = 64,
-                 status: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        listen: str,
+        handle: Callable[[str], dict],
+        *,
+        token: str = "",
+        allowed_origins: tuple[str, ...] | list[str] = (),
+        max_clients: int = 16,
+        client_queue: int = 64,
+        max_connections: int = 64,
+        status: Callable[[], dict] | None = None,
+    ):
         if max_clients < 1 or client_queue < 2 or max_connections <= max_clients:
-            raise ValueError("max_clients must be at least 1, client_queue at least 2 and "
-                             "max_connections more than max_clients")
+            raise ValueError(
+                "max_clients must be at least 1, client_queue at least 2 and "
+                "max_connections more than max_clients"
+            )
         self.host, self.port = parse_listen(listen)
         self._handle = handle
-        self._status = status                  # the controller's published "waiting" figures
+        self._status = status  # the controller's published "waiting" figures
         self._token = token
         self._allowed = {_norm_origin(o) for o in allowed_origins}
         self._max_clients = max_clients
         self._max_connections = max_connections
         self._client_queue = client_queue
         self._pages = _load_pages()
-        self._lock = threading.Lock()          # guards the snapshot fields
+        self._lock = threading.Lock()  # guards the snapshot fields
         self._state = "idle"
         self._last_final: dict | None = None
         self._accepting_commands = True
-        self._clients: set[_Client] = set()    # touched on the loop thread only
+        self._clients: set[_Client] = set()  # touched on the loop thread only
         self._connections: dict[ServerConnection, None] = {}  # every TCP connection, oldest first
         self._last_warning = -_WARN_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,23 +186,29 @@ class KioskServer:
             raise RuntimeError("a KioskServer starts once")
         started = threading.Event()
         failure: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(started, failure),
-                                        name="pttd-kiosk", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(started, failure), name="pttd-kiosk", daemon=True
+        )
         self._thread.start()
         if not started.wait(timeout):
-            raise KioskError(f"kiosk endpoint on {self.host}:{self.port} did not start "
-                             f"in {timeout:g} s")
+            raise KioskError(
+                f"kiosk endpoint on {self.host}:{self.port} did not start in {timeout:g} s"
+            )
         if failure:
             self._thread.join(1.0)
-            raise KioskError(f"cannot listen on {self.host or '*'}:{self.port} for the kiosk: "
-                             f"{getattr(failure[0], 'strerror', None) or failure[0]}")
-        log.info("kiosk page at http://%s:%d/, WebSocket at /ws",
-                 self.host or "0.0.0.0", self.port)
+            raise KioskError(
+                f"cannot listen on {self.host or '*'}:{self.port} for the kiosk: "
+                f"{getattr(failure[0], 'strerror', None) or failure[0]}"
+            )
+        log.info("kiosk page at http://%s:%d/, WebSocket at /ws", self.host or "0.0.0.0", self.port)
         if not self._token:
-            log.warning("kiosk: no [kiosk] token, so every program on this machine (any local "
-                        "user, not only group pttd) can use ws://%s:%d/ws: press, release, read "
-                        "transcripts. Set [kiosk] token to require one (the page takes ?token=)",
-                        self.host or "0.0.0.0", self.port)
+            log.warning(
+                "kiosk: no [kiosk] token, so every program on this machine (any local "
+                "user, not only group pttd) can use ws://%s:%d/ws: press, release, read "
+                "transcripts. Set [kiosk] token to require one (the page takes ?token=)",
+                self.host or "0.0.0.0",
+                self.port,
+            )
 
     def stop_commands(self) -> None:
         """Shutdown step one: refuse commands (no new turn), but keep delivering events."""
@@ -227,9 +256,14 @@ class KioskServer:
     def snapshot(self) -> dict:
         waiting = self._status() if self._status is not None else {}
         with self._lock:
-            return {"event": "snapshot", "state": self._state, "last_final": self._last_final,
-                    "waiting": waiting.get("waiting", 0),
-                    "waiting_s": waiting.get("waiting_s", 0.0), "ts": time.time()}
+            return {
+                "event": "snapshot",
+                "state": self._state,
+                "last_final": self._last_final,
+                "waiting": waiting.get("waiting", 0),
+                "waiting_s": waiting.get("waiting_s", 0.0),
+                "ts": time.time(),
+            }
 
     # --- the loop thread -----------------------------------------------------------------------
 
@@ -245,11 +279,19 @@ class KioskServer:
 
     async def _main(self, started: threading.Event, failure: list) -> None:
         self._closing = asyncio.Event()
-        server = await serve(self._serve_client, self.host or None, self.port,
-                             process_request=self._process_request, max_size=MAX_LINE,
-                             max_queue=8, close_timeout=1.0, logger=_WS_LOG,
-                             compression=None, open_timeout=HANDSHAKE_TIMEOUT_S,
-                             create_connection=functools.partial(_TrackedConnection, kiosk=self))
+        server = await serve(
+            self._serve_client,
+            self.host or None,
+            self.port,
+            process_request=self._process_request,
+            max_size=MAX_LINE,
+            max_queue=8,
+            close_timeout=1.0,
+            logger=_WS_LOG,
+            compression=None,
+            open_timeout=HANDSHAKE_TIMEOUT_S,
+            create_connection=functools.partial(_TrackedConnection, kiosk=self),
+        )
         if self.port == 0:
             self.port = server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
@@ -265,7 +307,7 @@ class KioskServer:
         server.close()
         try:
             await asyncio.wait_for(server.wait_closed(), STOP_GRACE_S / 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for client in list(self._clients):
                 client.ws.transport.abort()
         for task in waits:
@@ -277,8 +319,10 @@ class KioskServer:
         if len(self._connections) <= self._max_connections:
             return
         victim = next((c for c in self._connections if c.state is State.CONNECTING), conn)
-        self._warn_rarely("kiosk: %d connections open; closing the oldest that has not finished "
-                          "its handshake", self._max_connections)
+        self._warn_rarely(
+            "kiosk: %d connections open; closing the oldest that has not finished its handshake",
+            self._max_connections,
+        )
         self._connections.pop(victim, None)
         victim.transport.abort()
 
@@ -304,8 +348,11 @@ class KioskServer:
         try:
             client.queue.put_nowait(text)
         except asyncio.QueueFull:
-            log.warning("kiosk: dropping client %s, it fell %d messages behind",
-                        client.peer, self._client_queue)
+            log.warning(
+                "kiosk: dropping client %s, it fell %d messages behind",
+                client.peer,
+                self._client_queue,
+            )
             self._drop(client)
 
     def _drop(self, client: _Client) -> None:
@@ -388,8 +435,11 @@ class KioskServer:
     def _check_ws(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
         """None lets the upgrade proceed; otherwise the HTTP refusal (reason in the log, not the token)."""
         try:
-            problem = (self._token_problem(request, query) or self._origin_problem(request)
-                       or self._capacity_problem())
+            problem = (
+                self._token_problem(request, query)
+                or self._origin_problem(request)
+                or self._capacity_problem()
+            )
         except MultipleValuesError as exc:
             problem = http.HTTPStatus.BAD_REQUEST, f"more than one {exc} header"
         if problem is None:
@@ -420,8 +470,10 @@ class KioskServer:
     def _capacity_problem(self) -> tuple[int, str] | None:
         if len(self._clients) < self._max_clients:
             return None
-        return (http.HTTPStatus.SERVICE_UNAVAILABLE,
-                f"{self._max_clients} kiosk clients already connected")
+        return (
+            http.HTTPStatus.SERVICE_UNAVAILABLE,
+            f"{self._max_clients} kiosk clients already connected",
+        )
 
     def _allowed_origins(self, request: Request) -> set[str]:
         allowed = set(self._allowed)
@@ -460,7 +512,13 @@ def _load_pages() -> dict[str, bytes]:
 
 
 def _page_response(name: str, body: bytes) -> Response:
-    ext = name[name.rfind("."):]
-    headers = Headers([("Content-Type", _CONTENT_TYPES[ext]), ("Content-Length", str(len(body))),
-                       ("Connection", "close"), *_PAGE_HEADERS])
+    ext = name[name.rfind(".") :]
+    headers = Headers(
+        [
+            ("Content-Type", _CONTENT_TYPES[ext]),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            *_PAGE_HEADERS,
+        ]
+    )
     return Response(200, "OK", headers, body)

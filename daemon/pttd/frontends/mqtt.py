@@ -12,6 +12,7 @@ bounded queue (``FINAL_QUEUE``; overflow drops the oldest, logged) and are hande
 it reconnects; one handed over just before a link died stays in paho's QoS 1 queue and is
 re-sent on reconnect. paho is imported only when an MQTT URL is configured.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 from pttd import events
@@ -31,14 +32,14 @@ from pttd.events import State
 
 log = logging.getLogger(__name__)
 
-FINAL_QUEUE = 100           # finals kept while the broker is down; overflow drops the oldest
-CLOSE_WAIT_S = 1.0          # at stop: wait this long for queued finals and the offline state
-LOOP_JOIN_S = 1.5           # then this long for paho's thread
+FINAL_QUEUE = 100  # finals kept while the broker is down; overflow drops the oldest
+CLOSE_WAIT_S = 1.0  # at stop: wait this long for queued finals and the offline state
+LOOP_JOIN_S = 1.5  # then this long for paho's thread
 RECONNECT_DELAY_S = (1, 10)  # paho's back-off: 1 s doubling up to 10 s
 COMMANDS = ("press", "release", "toggle", "cancel")
 MAX_COMMAND_BYTES = 1024
 HA_PREFIX = "homeassistant"
-HA_STATE_MAX = 255          # Home Assistant rejects longer sensor states
+HA_STATE_MAX = 255  # Home Assistant rejects longer sensor states
 
 
 class MqttError(ValueError):
@@ -56,8 +57,9 @@ def parse_url(url: str) -> Broker:
     """``mqtt://host[:1883]`` or ``mqtts://host[:8883]``; credentials never go in the URL."""
     parts = urlsplit(url)
     if "@" in parts.netloc:
-        raise MqttError("mqtt.url: put no credentials in the URL; use mqtt.username and "
-                        "mqtt.password_file")
+        raise MqttError(
+            "mqtt.url: put no credentials in the URL; use mqtt.username and mqtt.password_file"
+        )
     if parts.scheme not in ("mqtt", "mqtts"):
         raise MqttError(f"mqtt.url = {url!r}: must start with mqtt:// or mqtts://")
     if parts.path not in ("", "/") or parts.query:
@@ -137,29 +139,46 @@ def discovery_messages(device_id: str) -> list[tuple[str, dict]]:
     common = {
         "availability_topic": state,
         "availability_template": "{{ 'offline' if value_json.state == 'offline' else 'online' }}",
-        "device": {"identifiers": [node], "name": f"pttd {device_id}", "model": "pttd",
-                   "manufacturer": "pttd"},
+        "device": {
+            "identifiers": [node],
+            "name": f"pttd {device_id}",
+            "model": "pttd",
+            "manufacturer": "pttd",
+        },
     }
-    sensor = {**common, "name": "Last transcript", "unique_id": f"{node}_last_transcript",
-              "state_topic": topic(device_id, "final"),
-              "value_template": "{{ value_json.text[:%d] }}" % HA_STATE_MAX,
-              "json_attributes_topic": topic(device_id, "final"),
-              "icon": "mdi:text-to-speech"}
-    button = {**common, "name": "Talk", "unique_id": f"{node}_talk",
-              "command_topic": topic(device_id, "cmd"), "payload_press": '{"cmd":"toggle"}',
-              "icon": "mdi:microphone"}
-    return [(f"{HA_PREFIX}/sensor/{node}/last_transcript/config", sensor),
-            (f"{HA_PREFIX}/button/{node}/talk/config", button)]
+    sensor = {
+        **common,
+        "name": "Last transcript",
+        "unique_id": f"{node}_last_transcript",
+        "state_topic": topic(device_id, "final"),
+        "value_template": "{{ value_json.text[:%d] }}" % HA_STATE_MAX,
+        "json_attributes_topic": topic(device_id, "final"),
+        "icon": "mdi:text-to-speech",
+    }
+    button = {
+        **common,
+        "name": "Talk",
+        "unique_id": f"{node}_talk",
+        "command_topic": topic(device_id, "cmd"),
+        "payload_press": '{"cmd":"toggle"}',
+        "icon": "mdi:microphone",
+    }
+    return [
+        (f"{HA_PREFIX}/sensor/{node}/last_transcript/config", sensor),
+        (f"{HA_PREFIX}/button/{node}/talk/config", button),
+    ]
 
 
 def _guarded(method):
     """paho re-raises callback errors in its loop thread (killing it): log them instead."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except Exception:  # noqa: BLE001 - a bad message must not stop the MQTT link
             log.exception("MQTT: %s failed", method.__name__)
+
     return wrapper
 
 
@@ -171,10 +190,18 @@ class MqttBridge:
     topic and the final queue in order between the output worker and paho's thread.
     """
 
-    def __init__(self, *, url: str, device_id: str = "", username: str = "",
-                 password_file: str = "", publish_partials: bool = False,
-                 ha_discovery: bool = False, keepalive_s: int = 30,
-                 on_command: Callable[[str], dict] | None = None):
+    def __init__(
+        self,
+        *,
+        url: str,
+        device_id: str = "",
+        username: str = "",
+        password_file: str = "",
+        publish_partials: bool = False,
+        ha_discovery: bool = False,
+        keepalive_s: int = 30,
+        on_command: Callable[[str], dict] | None = None,
+    ):
         self.broker = parse_url(url)
         self.device_id = device_id_or_hostname(device_id)
         if password_file and not username:
@@ -198,11 +225,17 @@ class MqttBridge:
         self._client = self._make_client(username, password)
 
     @classmethod
-    def from_config(cls, cfg, on_command: Callable[[str], dict] | None = None) -> "MqttBridge":
-        return cls(url=cfg.url, device_id=cfg.device_id, username=cfg.username,
-                   password_file=cfg.password_file, publish_partials=cfg.publish_partials,
-                   ha_discovery=cfg.ha_discovery, keepalive_s=cfg.keepalive_s,
-                   on_command=on_command)
+    def from_config(cls, cfg, on_command: Callable[[str], dict] | None = None) -> MqttBridge:
+        return cls(
+            url=cfg.url,
+            device_id=cfg.device_id,
+            username=cfg.username,
+            password_file=cfg.password_file,
+            publish_partials=cfg.publish_partials,
+            ha_discovery=cfg.ha_discovery,
+            keepalive_s=cfg.keepalive_s,
+            on_command=on_command,
+        )
 
     def topic(self, name: str) -> str:
         return topic(self.device_id, name)
@@ -211,8 +244,12 @@ class MqttBridge:
 
     def _make_client(self, username: str, password: str | None):
         mqtt = self._paho
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pttd-{self.device_id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"pttd-{self.device_id}",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
         client.enable_logger(_paho_logger())
         if username:
             client.username_pw_set(username, password)
@@ -230,8 +267,13 @@ class MqttBridge:
     def start(self) -> None:
         """Connect in the background (paho's thread retries until the broker answers)."""
         b = self.broker
-        log.info("MQTT: connecting to %s://%s:%d as device %s",
-                 "mqtts" if b.tls else "mqtt", b.host, b.port, self.device_id)
+        log.info(
+            "MQTT: connecting to %s://%s:%d as device %s",
+            "mqtts" if b.tls else "mqtt",
+            b.host,
+            b.port,
+            self.device_id,
+        )
         self._client.connect_async(b.host, b.port, keepalive=self.keepalive_s)
         self._client.loop_start()
         self._started = True
@@ -249,9 +291,14 @@ class MqttBridge:
         deadline = time.monotonic() + CLOSE_WAIT_S
         with self._lock:
             if self._connected:
-                self._handed.append(self._client.publish(
-                    self.topic("state"), encode(events.state_event(State.OFFLINE)),
-                    qos=1, retain=True))
+                self._handed.append(
+                    self._client.publish(
+                        self.topic("state"),
+                        encode(events.state_event(State.OFFLINE)),
+                        qos=1,
+                        retain=True,
+                    )
+                )
         _wait_published(list(self._handed), deadline)
         left = len(self._finals) + sum(1 for i in self._handed if not i.is_published())
         if left:
@@ -282,9 +329,13 @@ class MqttBridge:
             if len(self._finals) >= FINAL_QUEUE:
                 oldest = self._finals.popleft()
                 self.dropped_finals += 1
-                log.warning("MQTT: %d finals wait for the broker; dropped the oldest (press %s, "
-                            "%d dropped so far)", FINAL_QUEUE, oldest.get("press_id"),
-                            self.dropped_finals)
+                log.warning(
+                    "MQTT: %d finals wait for the broker; dropped the oldest (press %s, "
+                    "%d dropped so far)",
+                    FINAL_QUEUE,
+                    oldest.get("press_id"),
+                    self.dropped_finals,
+                )
             self._finals.append(event)
 
     def _flush_finals(self) -> None:
@@ -293,8 +344,10 @@ class MqttBridge:
             while self._finals and self._connected:
                 info = self._client.publish(self.topic("final"), encode(self._finals[0]), qos=1)
                 if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
-                    log.warning("MQTT: publishing a final failed (%s); kept queued",
-                                self._paho.error_string(info.rc))
+                    log.warning(
+                        "MQTT: publishing a final failed (%s); kept queued",
+                        self._paho.error_string(info.rc),
+                    )
                     return
                 self._finals.popleft()
                 self._handed.append(info)
@@ -344,8 +397,10 @@ class MqttBridge:
     @_guarded
     def _on_message(self, _client, _userdata, msg) -> None:
         if msg.retain:
-            log.warning("MQTT: ignoring a retained command on %s (clear it with an empty "
-                        "retained message)", msg.topic)
+            log.warning(
+                "MQTT: ignoring a retained command on %s (clear it with an empty retained message)",
+                msg.topic,
+            )
             return
         try:
             name = parse_command(msg.payload)
@@ -363,8 +418,11 @@ class MqttBridge:
         """One warning per outage, not one per retry; finals are queued meanwhile."""
         if not self._outage_logged:
             self._outage_logged = True
-            log.warning("MQTT: %s; retrying in the background, finals are queued (up to %d)",
-                        why, FINAL_QUEUE)
+            log.warning(
+                "MQTT: %s; retrying in the background, finals are queued (up to %d)",
+                why,
+                FINAL_QUEUE,
+            )
 
 
 class _PahoAsDebug(logging.Filter):
@@ -407,6 +465,8 @@ def _import_paho():
     try:
         import paho.mqtt.client as mqtt
     except ImportError as exc:
-        raise MqttError("mqtt.url is set but paho-mqtt is not installed: pip install "
-                        f"'pttd[mqtt]', or 'paho-mqtt>=2,<3' into pttd's venv ({exc})") from None
+        raise MqttError(
+            "mqtt.url is set but paho-mqtt is not installed: pip install "
+            f"'pttd[mqtt]', or 'paho-mqtt>=2,<3' into pttd's venv ({exc})"
+        ) from None
     return mqtt

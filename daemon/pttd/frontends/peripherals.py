@@ -16,6 +16,7 @@ LEVEL is 0..1; ON/OFF (blink) and IN/OUT (fade times of pulse) are seconds, 0 < 
 time means both halves. ``dim`` and ``pulse`` need kind "pwm" or "rgb"; colours need kind "rgb"
 (without one an RGB LED shows white). A bare colour means that colour on.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,11 +25,11 @@ import math
 import queue
 import re
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
-from pttd.events import State
 from pttd.core.mailbox import Mailbox
+from pttd.events import State
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,14 @@ KINDS = ("led", "pwm", "rgb", "none")
 PIN_COUNTS = {"led": 1, "pwm": 1, "rgb": 3}
 EFFECTS = ("off", "on", "dim", "blink", "pulse")
 COLOURS = {
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
-    "white": (1.0, 1.0, 1.0), "yellow": (1.0, 1.0, 0.0), "cyan": (0.0, 1.0, 1.0),
-    "magenta": (1.0, 0.0, 1.0), "orange": (1.0, 0.5, 0.0),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "orange": (1.0, 0.5, 0.0),
 }
 _HEX = re.compile(r"#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})")
 _MAX_SECONDS = 60.0
@@ -77,6 +83,7 @@ class PeripheralError(RuntimeError):
 
 
 # --- patterns (no gpiozero here: config validation calls parse_pattern) ---------------------------
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -127,8 +134,10 @@ def _make(effect: str, arg: str | None) -> Pattern:
             raise ValueError(f'"{effect}" takes no value')
         return Pattern(effect)
     if arg is None:
-        raise ValueError(f'"{effect}" needs a value, e.g. ' +
-                         ("dim:0.2" if effect == "dim" else f"{effect}:0.5,0.5"))
+        raise ValueError(
+            f'"{effect}" needs a value, e.g. '
+            + ("dim:0.2" if effect == "dim" else f"{effect}:0.5,0.5")
+        )
     if effect == "dim":
         return Pattern("on", level=_level(arg))
     return Pattern(effect, times=_times(effect, arg))
@@ -153,8 +162,10 @@ def _parse_colour(word: str) -> tuple[float, float, float]:
     match = _HEX.fullmatch(word)
     if match:
         return tuple(int(h, 16) / 255 for h in match.groups())
-    raise ValueError(f"unknown effect or colour {word!r} (effects: off, on, dim:L, blink:ON,OFF, "
-                     f"pulse:IN,OUT; colours: {', '.join(COLOURS)}, #rrggbb)")
+    raise ValueError(
+        f"unknown effect or colour {word!r} (effects: off, on, dim:L, blink:ON,OFF, "
+        f"pulse:IN,OUT; colours: {', '.join(COLOURS)}, #rrggbb)"
+    )
 
 
 def _number(text: str) -> float:
@@ -213,6 +224,7 @@ def make_pin_factory(name: str):
         return None
     if name == "mock":
         from gpiozero.pins.mock import MockFactory, MockPWMPin
+
         return MockFactory(pin_class=MockPWMPin)  # PWM LEDs need MockPWMPin
     if name not in _FACTORIES:
         known = ", ".join(['""', '"mock"'] + [f'"{n}"' for n in _FACTORIES])
@@ -221,8 +233,9 @@ def make_pin_factory(name: str):
     try:
         return getattr(importlib.import_module(module), cls)()
     except Exception as exc:
-        raise PeripheralError(f'[gpio] pin_factory = "{name}" is not usable here ({exc}); '
-                              f"it needs {needs}") from exc
+        raise PeripheralError(
+            f'[gpio] pin_factory = "{name}" is not usable here ({exc}); it needs {needs}'
+        ) from exc
 
 
 def _gpio_error(what: str, exc: Exception) -> PeripheralError:
@@ -234,11 +247,13 @@ def _gpio_error(what: str, exc: Exception) -> PeripheralError:
 
 def _guarded(fn: Callable[[], None], what: str) -> Callable[[], None]:
     """Wrap a callback so an exception is logged instead of vanishing on gpiozero's thread."""
+
     def call() -> None:
         try:
             fn()
         except Exception:
             log.exception("button %s callback failed", what)
+
     return call
 
 
@@ -252,14 +267,24 @@ class ButtonInput:
     (gpiozero's MockFactory does not simulate bounce.)
     """
 
-    def __init__(self, pin: int, pull_up: bool, bounce_ms: int,
-                 on_press: Callable[[], None], on_release: Callable[[], None], pin_factory=None):
+    def __init__(
+        self,
+        pin: int,
+        pull_up: bool,
+        bounce_ms: int,
+        on_press: Callable[[], None],
+        on_release: Callable[[], None],
+        pin_factory=None,
+    ):
         from gpiozero import DigitalInputDevice
 
         try:
             self._button = DigitalInputDevice(
-                pin, pull_up=pull_up, pin_factory=pin_factory,
-                bounce_time=bounce_ms / 1000 if bounce_ms else None)
+                pin,
+                pull_up=pull_up,
+                pin_factory=pin_factory,
+                bounce_time=bounce_ms / 1000 if bounce_ms else None,
+            )
         except Exception as exc:
             raise _gpio_error(f"button on GPIO{pin}", exc) from exc
         self._button.when_activated = _guarded(on_press, "press")
@@ -281,8 +306,14 @@ class ButtonInput:
 class StatusLeds:
     """LEDs rendered from the controller's state: ``show(state)`` is the only way to change them."""
 
-    def __init__(self, kind: str, pins: list[int], active_high: bool = True,
-                 patterns: Mapping[str, str] | None = None, pin_factory=None):
+    def __init__(
+        self,
+        kind: str,
+        pins: list[int],
+        active_high: bool = True,
+        patterns: Mapping[str, str] | None = None,
+        pin_factory=None,
+    ):
         if kind not in KINDS:
             raise ValueError(f"leds.kind must be one of {', '.join(KINDS)}, got {kind!r}")
         _check_pin_count(kind, pins)
@@ -317,8 +348,10 @@ class StatusLeds:
 def _check_pin_count(kind: str, pins: list[int]) -> None:
     want = PIN_COUNTS.get(kind)
     if want is not None and len(pins) != want:
-        raise ValueError(f"leds.pins must list {want} pin{'s' if want > 1 else ''} "
-                         f"for kind = {kind!r}, got {list(pins)}")
+        raise ValueError(
+            f"leds.pins must list {want} pin{'s' if want > 1 else ''} "
+            f"for kind = {kind!r}, got {list(pins)}"
+        )
 
 
 def _make_device(kind: str, pins: list[int], active_high: bool, pin_factory):
@@ -328,7 +361,9 @@ def _make_device(kind: str, pins: list[int], active_high: bool, pin_factory):
 
     try:
         if kind == "rgb":
-            return gpiozero.RGBLED(*pins, active_high=active_high, pwm=True, pin_factory=pin_factory)
+            return gpiozero.RGBLED(
+                *pins, active_high=active_high, pwm=True, pin_factory=pin_factory
+            )
         cls = gpiozero.PWMLED if kind == "pwm" else gpiozero.LED
         return cls(pins[0], active_high=active_high, pin_factory=pin_factory)
     except Exception as exc:
@@ -383,7 +418,7 @@ class LedThread:
     def __init__(self, leds: StatusLeds, name: str = "pttd-leds"):
         self.leds = leds
         self._wanted: State | None = None
-        self._doorbell = Mailbox(1)   # one ring pending is enough: the thread reads _wanted
+        self._doorbell = Mailbox(1)  # one ring pending is enough: the thread reads _wanted
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:

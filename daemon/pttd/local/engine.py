@@ -27,6 +27,7 @@ Choices, measured on espeak-ng speech (x86, see bench/local_bench.py):
   dictation but breaks grammars: with it, pocketsphinx 5.1.1 turned a clearly decoded
   "what time is it" into "what time" (not even a grammar phrase) whenever words had pauses.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,15 +40,16 @@ import os
 import re
 import signal
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pttd.config import ConfigError
 from pttd.local.server import (
     Faults,
-    HypWord,
     Hypothesis,
+    HypWord,
     RecognizerEvent,
     RecognizerFactory,
     ServerOptions,
@@ -58,19 +60,19 @@ from pttd.local.server import (
 
 log = logging.getLogger(__name__)
 
-MODEL_RATE = 16000            # the en-us acoustic model's rate; other rates are resampled
-FRAMES_PER_S = 100            # pocketsphinx feature frames (Segment.start_frame units)
-WINDOW_MS = 20                # VAD decision unit
+MODEL_RATE = 16000  # the en-us acoustic model's rate; other rates are resampled
+FRAMES_PER_S = 100  # pocketsphinx feature frames (Segment.start_frame units)
+WINDOW_MS = 20  # VAD decision unit
 WINDOW = MODEL_RATE * WINDOW_MS // 1000
-ONSET_WINDOWS = 3             # 60 ms of speech starts a turn (a click does not)
-PREROLL_MS = 300              # audio before the onset that is decoded too
-PARTIAL_INTERVAL_MS = 200     # at most 5 partial hypotheses per second
-MAX_TURN_MS = 60_000          # a stuck button in a noisy room must not grow the lattice forever
-VAD_MARGIN_DB = 12.0          # speech is this far above the noise floor ...
-VAD_MIN_DB = -50.0            # ... and above this absolute level (dBFS)
-VAD_FLOOR_MS = 2000           # the floor is the quietest window of this trailing span
-MAX_IDLE_DECODERS = 1         # kept loaded between sessions (one PTT device = one session)
-MAX_GRAMMARS = 8              # per decoder; the oldest is dropped beyond this
+ONSET_WINDOWS = 3  # 60 ms of speech starts a turn (a click does not)
+PREROLL_MS = 300  # audio before the onset that is decoded too
+PARTIAL_INTERVAL_MS = 200  # at most 5 partial hypotheses per second
+MAX_TURN_MS = 60_000  # a stuck button in a noisy room must not grow the lattice forever
+VAD_MARGIN_DB = 12.0  # speech is this far above the noise floor ...
+VAD_MIN_DB = -50.0  # ... and above this absolute level (dBFS)
+VAD_FLOOR_MS = 2000  # the floor is the quietest window of this trailing span
+MAX_IDLE_DECODERS = 1  # kept loaded between sessions (one PTT device = one session)
+MAX_GRAMMARS = 8  # per decoder; the oldest is dropped beyond this
 #: Closing handshake wait: loopback answers in ms, and an in-process engine's stop must be quick.
 CLOSE_TIMEOUT_S = 1.0
 #: Loopback is open; any other address needs this key (the Authorization header).
@@ -78,10 +80,14 @@ API_KEY_ENV = "PTTD_LOCAL_API_KEY"
 
 #: pocketsphinx options: see the module docstring for fwdflat and bestpath. Its C library logs
 #: straight to stderr, and "errors" such as speech matching no phrase are normal here: FATAL.
-DECODER_OPTIONS: dict[str, Any] = {"samprate": MODEL_RATE, "loglevel": "FATAL",
-                                   "fwdflat": False, "bestpath": False}
+DECODER_OPTIONS: dict[str, Any] = {
+    "samprate": MODEL_RATE,
+    "loglevel": "FATAL",
+    "fwdflat": False,
+    "bestpath": False,
+}
 
-_LM = "\0lm"   # not a valid grammar name, so never confused with one
+_LM = "\0lm"  # not a valid grammar name, so never confused with one
 _NON_WORD = re.compile(r"[^a-z0-9']+")
 _ALT_PRONUNCIATION = re.compile(r"\(\d+\)$")
 
@@ -90,14 +96,17 @@ _ALT_PRONUNCIATION = re.compile(r"\(\d+\)$")
 # Phrases and grammars
 # ================================================================================================
 
+
 class UnknownWordsError(ConfigError):
     """Phrases use words the pronunciation dictionary lacks (the recognizer cannot say them)."""
 
     def __init__(self, unknown: Mapping[str, Sequence[str]]) -> None:
         self.unknown = {phrase: list(words) for phrase, words in unknown.items()}
         listed = "; ".join(f"{phrase!r}: {', '.join(words)}" for phrase, words in unknown.items())
-        super().__init__(f"local phrases use words not in the pocketsphinx dictionary "
-                         f"({listed}); spell them as ordinary English words")
+        super().__init__(
+            f"local phrases use words not in the pocketsphinx dictionary "
+            f"({listed}); spell them as ordinary English words"
+        )
 
 
 def normalize_phrase(text: Any) -> str:
@@ -113,8 +122,11 @@ def normalize_phrases(phrases: Iterable[Any]) -> tuple[str, ...]:
 
 def jsgf(phrases: Sequence[str]) -> str:
     """A JSGF grammar accepting exactly one of the (normalized) phrases."""
-    return ("#JSGF V1.0;\ngrammar pttd;\npublic <phrase> = "
-            + " | ".join(f"( {p} )" for p in phrases) + " ;\n")
+    return (
+        "#JSGF V1.0;\ngrammar pttd;\npublic <phrase> = "
+        + " | ".join(f"( {p} )" for p in phrases)
+        + " ;\n"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +143,7 @@ class Grammar:
 # ================================================================================================
 # Decoders
 # ================================================================================================
+
 
 class _PooledDecoder:
     """One pocketsphinx Decoder plus the grammar searches already compiled into it."""
@@ -233,6 +246,7 @@ class DecoderPool:
 # Audio front end
 # ================================================================================================
 
+
 class _Resampler:
     """Stateful linear-interpolation resampler to 16 kHz, box pre-filter when downsampling.
 
@@ -242,15 +256,15 @@ class _Resampler:
     def __init__(self, rate: int) -> None:
         self.step = rate / MODEL_RATE
         self.box = max(1, int(round(self.step)))
-        self._history = np.zeros(self.box - 1)    # raw input the box filter still needs
-        self._last: float | None = None           # last filtered sample (interpolation origin)
-        self._pos = 0.0                           # next output position, 0 = ``_last``
+        self._history = np.zeros(self.box - 1)  # raw input the box filter still needs
+        self._last: float | None = None  # last filtered sample (interpolation origin)
+        self._pos = 0.0  # next output position, 0 = ``_last``
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         raw = np.concatenate([self._history, samples.astype(np.float64)])
         if self.box > 1:
             filtered = np.convolve(raw, np.ones(self.box) / self.box, mode="valid")
-            self._history = raw[len(raw) - (self.box - 1):]
+            self._history = raw[len(raw) - (self.box - 1) :]
         else:
             filtered = raw
         x = filtered if self._last is None else np.concatenate([[self._last], filtered])
@@ -273,14 +287,13 @@ class EnergyVad:
     """
 
     def __init__(self) -> None:
-        self._recent: collections.deque[float] = collections.deque(
-            maxlen=VAD_FLOOR_MS // WINDOW_MS)
+        self._recent: collections.deque[float] = collections.deque(maxlen=VAD_FLOOR_MS // WINDOW_MS)
 
     @staticmethod
     def levels(windows: np.ndarray) -> np.ndarray:
         """dBFS per row of int16 samples."""
         power = np.mean(np.square(windows.astype(np.float64)), axis=1)
-        return 10.0 * np.log10(power / (32768.0 ** 2) + 1e-12)
+        return 10.0 * np.log10(power / (32768.0**2) + 1e-12)
 
     def margin(self, level: float) -> float:
         """dB above the speech threshold (positive = speech); updates the floor."""
@@ -293,6 +306,7 @@ class EnergyVad:
 # The recognizer
 # ================================================================================================
 
+
 class PocketsphinxRecognizer:
     """One session's recognizer: energy VAD → incremental pocketsphinx decode → hypotheses.
 
@@ -301,8 +315,9 @@ class PocketsphinxRecognizer:
     ``MAX_TURN_MS``. Every call holds a lock, since ``close`` may come from another thread.
     """
 
-    def __init__(self, config: SessionConfig, pool: DecoderPool,
-                 phrases: Sequence[str] = ()) -> None:
+    def __init__(
+        self, config: SessionConfig, pool: DecoderPool, phrases: Sequence[str] = ()
+    ) -> None:
         self.config = config
         self.pool = pool
         self.base_phrases = tuple(phrases)
@@ -316,9 +331,8 @@ class PocketsphinxRecognizer:
         self._resample = _Resampler(rate) if rate != MODEL_RATE else None
         self._vad = EnergyVad()
         self._pending = np.zeros(0, dtype=np.int16)
-        self._windows = 0                      # 20 ms windows consumed (the stream clock)
-        self._preroll: collections.deque[bytes] = collections.deque(
-            maxlen=PREROLL_MS // WINDOW_MS)
+        self._windows = 0  # 20 ms windows consumed (the stream clock)
+        self._preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL_MS // WINDOW_MS)
         self._speech_run = 0
         self._in_turn = False
         self._reset_turn()
@@ -333,7 +347,7 @@ class PocketsphinxRecognizer:
             self._pending = np.concatenate([self._pending, samples])
             count = len(self._pending) // WINDOW
             windows = self._pending[: count * WINDOW].reshape(count, WINDOW)
-            self._pending = self._pending[count * WINDOW:]
+            self._pending = self._pending[count * WINDOW :]
             events: list[RecognizerEvent] = []
             for window, level in zip(windows, EnergyVad.levels(windows)):
                 events.extend(self._on_window(window, float(level)))
@@ -351,8 +365,10 @@ class PocketsphinxRecognizer:
     def update_config(self, changes: Mapping[str, Any]) -> None:
         """Silence limits apply at once; a new ``keyterms_prompt`` from the next turn on."""
         with self._lock:
-            for key, attr in (("min_turn_silence", "min_silence_ms"),
-                              ("max_turn_silence", "max_silence_ms")):
+            for key, attr in (
+                ("min_turn_silence", "min_silence_ms"),
+                ("max_turn_silence", "max_silence_ms"),
+            ):
                 value = changes.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     setattr(self, attr, int(value))
@@ -382,8 +398,12 @@ class PocketsphinxRecognizer:
         for phrase in extra:
             unknown = decoder.unknown_words(phrase)
             if unknown:
-                log.warning("session %s: keyterm %r ignored, not in the dictionary: %s",
-                            self.config.session_id, phrase, ", ".join(unknown))
+                log.warning(
+                    "session %s: keyterm %r ignored, not in the dictionary: %s",
+                    self.config.session_id,
+                    phrase,
+                    ", ".join(unknown),
+                )
             else:
                 usable.append(phrase)
         phrases = tuple(dict.fromkeys(self.base_phrases + tuple(usable)))
@@ -412,8 +432,9 @@ class PocketsphinxRecognizer:
         if self._silence_ms >= self.max_silence_ms:
             return [self._end_turn(confidence=1.0)]
         if end_ms - self._utt_start_ms >= MAX_TURN_MS:
-            log.info("session %s: turn reached %d ms, ending it", self.config.session_id,
-                     MAX_TURN_MS)
+            log.info(
+                "session %s: turn reached %d ms, ending it", self.config.session_id, MAX_TURN_MS
+            )
             return [self._end_turn(confidence=0.5)]
         if not self._paused and self._silence_ms >= self.min_silence_ms:
             self._paused = True
@@ -442,7 +463,7 @@ class PocketsphinxRecognizer:
         self._in_turn = True
         self._utt_start_ms = (self._windows - len(self._preroll)) * WINDOW_MS
         self._last_partial_ms = self._windows * WINDOW_MS
-        for window in self._preroll:   # window by window: process_raw holds the GIL
+        for window in self._preroll:  # window by window: process_raw holds the GIL
             self._decode(window)
         self._preroll.clear()
         confidence = round(min(0.99, 0.5 + margin_db / 40.0), 3)
@@ -453,8 +474,11 @@ class PocketsphinxRecognizer:
         self._decoder.end()
         words = tuple(dataclasses.replace(w, is_final=True) for w in self._words())
         if not words and self.grammar is not None:
-            log.info("session %s: the speech matched none of the %d phrases",
-                     self.config.session_id, len(self.grammar.phrases))
+            log.info(
+                "session %s: the speech matched none of the %d phrases",
+                self.config.session_id,
+                len(self.grammar.phrases),
+            )
         self._reset_turn()
         return Hypothesis(words, end_of_turn=True, end_of_turn_confidence=confidence)
 
@@ -480,7 +504,7 @@ class PocketsphinxRecognizer:
         words = []
         for seg in segments:
             text = _ALT_PRONUNCIATION.sub("", seg.word)
-            if not text or text[0] in "<[+(":   # <s>, </s>, <sil>, [NOISE], ++filler++, (NULL)
+            if not text or text[0] in "<[+(":  # <s>, </s>, <sil>, [NOISE], ++filler++, (NULL)
                 continue
             start = self._utt_start_ms + seg.start_frame * 1000 // FRAMES_PER_S
             end = self._utt_start_ms + (seg.end_frame + 1) * 1000 // FRAMES_PER_S
@@ -493,6 +517,7 @@ class PocketsphinxRecognizer:
 # Factory, engine, CLI
 # ================================================================================================
 
+
 class PocketsphinxFactory:
     """A :data:`RecognizerFactory` with its decoder pool. Configured phrases are checked now."""
 
@@ -500,7 +525,7 @@ class PocketsphinxFactory:
         self.phrases = normalize_phrases(phrases or ())
         self.pool = DecoderPool(with_lm=not self.phrases)
         if self.phrases:
-            unknown = self.pool.unknown_words(self.phrases)   # also loads the first decoder
+            unknown = self.pool.unknown_words(self.phrases)  # also loads the first decoder
             if unknown:
                 raise UnknownWordsError(unknown)
 
@@ -538,25 +563,39 @@ class LocalEngine(ServerThread):
     ``options``/``faults`` are for tests; ``factory`` shares a loaded pool between engines.
     """
 
-    def __init__(self, phrases: list[str] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 *, api_key: str | None = None, options: ServerOptions | None = None,
-                 faults: Faults | Sequence[Faults] | None = None,
-                 factory: PocketsphinxFactory | None = None, prewarm: bool = True) -> None:
+    def __init__(
+        self,
+        phrases: list[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        options: ServerOptions | None = None,
+        faults: Faults | Sequence[Faults] | None = None,
+        factory: PocketsphinxFactory | None = None,
+        prewarm: bool = True,
+    ) -> None:
         if not is_loopback(host) and not api_key:
-            raise ConfigError(f"the local engine has no authentication of its own: refusing to "
-                              f"listen on {host} (not loopback) without a key; set "
-                              f"{API_KEY_ENV} or use 127.0.0.1")
+            raise ConfigError(
+                f"the local engine has no authentication of its own: refusing to "
+                f"listen on {host} (not loopback) without a key; set "
+                f"{API_KEY_ENV} or use 127.0.0.1"
+            )
         self.factory = factory or PocketsphinxFactory(phrases)
         self._prewarm = prewarm
         base = options or ServerOptions()
         options = dataclasses.replace(
-            base, host=host, port=port, recognizer_in_thread=True,
+            base,
+            host=host,
+            port=port,
+            recognizer_in_thread=True,
             close_timeout_s=min(base.close_timeout_s, CLOSE_TIMEOUT_S),
             require_auth=bool(api_key),
-            api_keys=frozenset({api_key}) if api_key else base.api_keys)
+            api_keys=frozenset({api_key}) if api_key else base.api_keys,
+        )
         super().__init__(options, self.factory, faults)
 
-    def start(self, timeout: float = 10.0) -> "LocalEngine":
+    def start(self, timeout: float = 10.0) -> LocalEngine:
         if self._prewarm:
             self.factory.pool.prewarm()
         super().start(timeout)
@@ -564,7 +603,7 @@ class LocalEngine(ServerThread):
 
     @property
     def mode(self) -> str:
-        """"grammar" (phrases configured) or "free" (dictation; keyterms may still constrain)."""
+        """ "grammar" (phrases configured) or "free" (dictation; keyterms may still constrain)."""
         return self.factory.mode
 
 
@@ -575,8 +614,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, phrases: list[str] | None =
     for the kiosk listener: free, CPU-heavy speech recognition should not be open to a LAN.
     """
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     api_key = os.environ.get(API_KEY_ENV) or None
     try:
         with LocalEngine(phrases, host, port, api_key=api_key) as engine:

@@ -14,6 +14,7 @@ Layers, from the wire inwards:
 
 Depends only on the standard library and ``websockets`` (asyncio API).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,9 @@ import urllib.parse
 import uuid
 import weakref
 from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
+from typing import Any, Protocol, Union
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -48,8 +50,9 @@ API_VERSION = "2025-05-12"
 MIN_FRAME_MS = 50
 MAX_FRAME_MS = 1000
 #: The Universal-3 Pro family (§1.4 "Models"): U3 shaping, SpeechStarted, format_turns ignored.
-U3_MODELS = frozenset({"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro",
-                       "universal-3-6-pro"})
+U3_MODELS = frozenset(
+    {"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro", "universal-3-6-pro"}
+)
 
 DEFAULT_PATH = "/v3/ws"
 #: Temporary tokens (streaming-token.yml): GET with the API key, one session per token.
@@ -77,13 +80,14 @@ UNSUPPORTED_ENCODINGS = frozenset({"opus", "ogg_opus", "aac"})
 # Defaults per model family (§1.4 table).
 US_DEFAULTS = {"max_turn_silence": 1280, "min_turn_silence": 400}
 U3_DEFAULTS = {"max_turn_silence": 1000, "min_turn_silence": 100}
-U3_EARLY_PARTIAL_MS = 750        # §4.4: early partial after ~750 ms of continuous speech
+U3_EARLY_PARTIAL_MS = 750  # §4.4: early partial after ~750 ms of continuous speech
 U3_CONTINUOUS_PARTIAL_MS = 3000  # §4.4: continuous partials about every 3 s
 
 
 # ================================================================================================
 # Options and faults
 # ================================================================================================
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -204,13 +208,14 @@ class Faults:
 # Recognizer seam
 # ================================================================================================
 
+
 @dataclass(frozen=True)
 class SessionConfig:
     """What a recognizer (and the shaper) needs to know about one session."""
 
     session_id: str
     speech_model: str
-    family: str                      # "us" or "u3"
+    family: str  # "us" or "u3"
     sample_rate: int
     encoding: str
     format_turns: bool
@@ -317,21 +322,46 @@ class NullRecognizer:
 # Query parsing and audio helpers
 # ================================================================================================
 
+
 class QueryError(ValueError):
     """A query parameter has a value the server refuses."""
 
 
-BOOL_PARAMS = frozenset({
-    "format_turns", "formatted_finals", "language_detection", "speaker_labels",
-    "filter_profanity", "redact_pii", "include_partial_turns", "continuous_partials",
-    "session_heartbeat", "customer_support_audio_capture"})
-INT_PARAMS = frozenset({
-    "sample_rate", "max_turn_silence", "min_turn_silence", "max_speakers", "interruption_delay",
-    "previous_context_n_turns", "turn_left_pad_ms", "min_end_of_turn_silence_when_confident",
-    "word_finalization_max_wait_time"})
-FLOAT_PARAMS = frozenset({
-    "end_of_turn_confidence_threshold", "vad_threshold", "voice_focus_threshold",
-    "inactivity_timeout"})
+BOOL_PARAMS = frozenset(
+    {
+        "format_turns",
+        "formatted_finals",
+        "language_detection",
+        "speaker_labels",
+        "filter_profanity",
+        "redact_pii",
+        "include_partial_turns",
+        "continuous_partials",
+        "session_heartbeat",
+        "customer_support_audio_capture",
+    }
+)
+INT_PARAMS = frozenset(
+    {
+        "sample_rate",
+        "max_turn_silence",
+        "min_turn_silence",
+        "max_speakers",
+        "interruption_delay",
+        "previous_context_n_turns",
+        "turn_left_pad_ms",
+        "min_end_of_turn_silence_when_confident",
+        "word_finalization_max_wait_time",
+    }
+)
+FLOAT_PARAMS = frozenset(
+    {
+        "end_of_turn_confidence_threshold",
+        "vad_threshold",
+        "voice_focus_threshold",
+        "inactivity_timeout",
+    }
+)
 LIST_PARAMS = frozenset({"keyterms_prompt", "keyterms", "language_codes", "redact_pii_policies"})
 OBJECT_PARAMS = frozenset({"llm_gateway"})
 
@@ -354,9 +384,16 @@ def _strict_int(value: str | None) -> int | None:
     return int(value)
 
 
-_HTTP_ERRORS = {400: "Bad request", 401: "Invalid API key", 403: "Forbidden",
-                404: "Not found", 429: "Too many requests", 500: "Internal server error",
-                502: "Bad gateway", 503: "Service unavailable"}
+_HTTP_ERRORS = {
+    400: "Bad request",
+    401: "Invalid API key",
+    403: "Forbidden",
+    404: "Not found",
+    429: "Too many requests",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+}
 
 
 def _parse_number(value: str, integral: bool) -> int | float:
@@ -430,8 +467,9 @@ def model_family(speech_model: str, override: str | None = None) -> str:
     return "u3" if speech_model in U3_MODELS else "us"
 
 
-def build_session_config(session_id: str, query: Mapping[str, Any],
-                         options: ServerOptions) -> SessionConfig:
+def build_session_config(
+    session_id: str, query: Mapping[str, Any], options: ServerOptions
+) -> SessionConfig:
     """Validate the parsed query and fill in the per-family defaults."""
     model = query.get("speech_model") or options.default_speech_model
     family = model_family(model, options.model_family_override)
@@ -447,9 +485,10 @@ def build_session_config(session_id: str, query: Mapping[str, Any],
     _check_range(query, "max_speakers", 1, 10)
     for name in ("end_of_turn_confidence_threshold", "vad_threshold", "voice_focus_threshold"):
         _check_range(query, name, 0.0, 1.0)
-    min_silence = query.get("min_turn_silence",
-                            query.get("min_end_of_turn_silence_when_confident",
-                                      defaults["min_turn_silence"]))
+    min_silence = query.get(
+        "min_turn_silence",
+        query.get("min_end_of_turn_silence_when_confident", defaults["min_turn_silence"]),
+    )
     redact = bool(query.get("redact_pii", False))
     speaker_labels = bool(query.get("speaker_labels", False))
     return SessionConfig(
@@ -516,6 +555,7 @@ def _fmt_number(value: float) -> str:
 # Turn shaping
 # ================================================================================================
 
+
 def format_words(words: Sequence[dict], capitalise: bool, final: bool) -> list[dict]:
     """Toy formatter: capitalise the first word, end the last with a period."""
     out = [dict(word) for word in words]
@@ -536,8 +576,13 @@ class TurnShaper:
     Pure (no I/O, no clocks): feed events with the current stream position, get messages back.
     """
 
-    def __init__(self, config: SessionConfig, format_pattern: str = "A",
-                 llm_gateway: bool = False, u3_em_dash: bool = False) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        format_pattern: str = "A",
+        llm_gateway: bool = False,
+        u3_em_dash: bool = False,
+    ) -> None:
         if format_pattern not in ("A", "B"):
             raise ValueError(f"format_pattern must be 'A' or 'B', not {format_pattern!r}")
         self.config = config
@@ -584,9 +629,14 @@ class TurnShaper:
     def speaker_revision(self, label: str = "B") -> dict | None:
         """Relabel every final turn (diarization fault); None if there was no final turn."""
         revisions = [
-            {"turn_order": order, "speaker_label": label,
-             "words": [dict(word, speaker=label) for word in words]}
-            for order, words in sorted(self.finals.items()) if words]
+            {
+                "turn_order": order,
+                "speaker_label": label,
+                "words": [dict(word, speaker=label) for word in words],
+            }
+            for order, words in sorted(self.finals.items())
+            if words
+        ]
         return {"type": "SpeakerRevision", "revisions": revisions} if revisions else None
 
     # --- shaping -------------------------------------------------------------------------------
@@ -596,8 +646,13 @@ class TurnShaper:
             self._onset_ms = onset.timestamp_ms
         if not self.config.is_u3:
             return []  # SpeechStarted exists only on U3 models (§3.2)
-        return [{"type": "SpeechStarted", "timestamp": int(onset.timestamp_ms),
-                 "confidence": round(float(onset.confidence), 6)}]
+        return [
+            {
+                "type": "SpeechStarted",
+                "timestamp": int(onset.timestamp_ms),
+                "confidence": round(float(onset.confidence), 6),
+            }
+        ]
 
     def _us_partial(self, hyp: Hypothesis) -> list[dict]:
         """Final words only in ``transcript``; ``utterance`` once per pause (§4.2)."""
@@ -615,12 +670,20 @@ class TurnShaper:
         final_words = [w for w in words if w["word_is_final"]]
         utterance = ""
         if new_utterance:
-            utterance = _join(final_words[self._uttered:])
+            utterance = _join(final_words[self._uttered :])
             self._uttered = len(final_words)
         confidence = hyp.end_of_turn_confidence
-        return [self._turn(words, _join(final_words), end_of_turn=False, formatted=pattern_b,
-                           confidence=0.0 if confidence is None else confidence,
-                           utterance=utterance, with_language=bool(utterance))]
+        return [
+            self._turn(
+                words,
+                _join(final_words),
+                end_of_turn=False,
+                formatted=pattern_b,
+                confidence=0.0 if confidence is None else confidence,
+                utterance=utterance,
+                with_language=bool(utterance),
+            )
+        ]
 
     def _u3_partial(self, hyp: Hypothesis, stream_ms: int) -> list[dict]:
         if not self._u3_partial_due(hyp, stream_ms):
@@ -643,8 +706,11 @@ class TurnShaper:
         onset = self._onset_ms if self._onset_ms is not None else hyp.words[0].start_ms
         if self._partials == 0:
             return stream_ms - onset >= self.config.interruption_delay_ms
-        return (self.config.continuous_partials and self._last_partial_ms is not None
-                and stream_ms - self._last_partial_ms >= U3_CONTINUOUS_PARTIAL_MS)
+        return (
+            self.config.continuous_partials
+            and self._last_partial_ms is not None
+            and stream_ms - self._last_partial_ms >= U3_CONTINUOUS_PARTIAL_MS
+        )
 
     def _final(self, hyp: Hypothesis) -> list[dict]:
         if not hyp.words and self._partials == 0:
@@ -652,8 +718,11 @@ class TurnShaper:
             return []  # nothing was heard and nothing was shown: no turn at all
         words = [self._word(w, final=True) for w in hyp.words]
         confidence = hyp.end_of_turn_confidence
-        messages = (self._u3_final(words) if self.config.is_u3
-                    else self._us_final(words, 1.0 if confidence is None else confidence))
+        messages = (
+            self._u3_final(words)
+            if self.config.is_u3
+            else self._us_final(words, 1.0 if confidence is None else confidence)
+        )
         self.finals[self.turn_order] = messages[-1]["words"]
         if self.llm_gateway:
             messages.append(self._llm_response(messages[-1]["transcript"]))
@@ -664,34 +733,82 @@ class TurnShaper:
     def _u3_final(self, words: list[dict]) -> list[dict]:
         words = format_words(words, capitalise=True, final=True)
         transcript = _join(words)
-        return [self._turn(words, transcript, end_of_turn=True, formatted=True, confidence=1.0,
-                           utterance=transcript, with_language=True)]
+        return [
+            self._turn(
+                words,
+                transcript,
+                end_of_turn=True,
+                formatted=True,
+                confidence=1.0,
+                utterance=transcript,
+                with_language=True,
+            )
+        ]
 
     def _us_final(self, words: list[dict], confidence: float) -> list[dict]:
-        new_words = words[self._uttered:]
+        new_words = words[self._uttered :]
         if self.config.format_turns and self.format_pattern == "B":
             formatted = format_words(words, capitalise=True, final=True)
-            utterance = _join(formatted[self._uttered:]) if new_words else ""
-            return [self._turn(formatted, _join(formatted), end_of_turn=True, formatted=True,
-                               confidence=confidence, utterance=utterance, with_language=True)]
-        messages = [self._turn(words, _join(words), end_of_turn=True, formatted=False,
-                               confidence=confidence, utterance=_join(new_words),
-                               with_language=True)]
+            utterance = _join(formatted[self._uttered :]) if new_words else ""
+            return [
+                self._turn(
+                    formatted,
+                    _join(formatted),
+                    end_of_turn=True,
+                    formatted=True,
+                    confidence=confidence,
+                    utterance=utterance,
+                    with_language=True,
+                )
+            ]
+        messages = [
+            self._turn(
+                words,
+                _join(words),
+                end_of_turn=True,
+                formatted=False,
+                confidence=confidence,
+                utterance=_join(new_words),
+                with_language=True,
+            )
+        ]
         if self.config.format_turns:  # Pattern A: a formatted copy with the same turn_order
             formatted = format_words(words, capitalise=True, final=True)
-            messages.append(self._turn(formatted, _join(formatted), end_of_turn=True,
-                                       formatted=True, confidence=confidence, utterance="",
-                                       with_language=True))
+            messages.append(
+                self._turn(
+                    formatted,
+                    _join(formatted),
+                    end_of_turn=True,
+                    formatted=True,
+                    confidence=confidence,
+                    utterance="",
+                    with_language=True,
+                )
+            )
         return messages
 
     # --- message builders ----------------------------------------------------------------------
 
     def _word(self, word: HypWord, final: bool) -> dict:
-        return {"text": word.text, "start": int(word.start_ms), "end": int(word.end_ms),
-                "confidence": round(float(word.confidence), 6), "word_is_final": bool(final)}
+        return {
+            "text": word.text,
+            "start": int(word.start_ms),
+            "end": int(word.end_ms),
+            "confidence": round(float(word.confidence), 6),
+            "word_is_final": bool(final),
+        }
 
-    def _turn(self, words: list[dict], transcript: str, *, end_of_turn: bool, formatted: bool,
-              confidence: float, utterance: str = "", with_language: bool = False) -> dict:
+    def _turn(
+        self,
+        words: list[dict],
+        transcript: str,
+        *,
+        end_of_turn: bool,
+        formatted: bool,
+        confidence: float,
+        utterance: str = "",
+        with_language: bool = False,
+    ) -> dict:
         message: dict[str, Any] = {
             "type": "Turn",
             "turn_order": self.turn_order,
@@ -728,8 +845,13 @@ class TurnShaper:
             "data": {
                 "id": f"chatcmpl-local-{self.turn_order}",
                 "object": "chat.completion",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": transcript}}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": transcript},
+                    }
+                ],
             },
         }
 
@@ -737,6 +859,7 @@ class TurnShaper:
 # ================================================================================================
 # Records
 # ================================================================================================
+
 
 @dataclass(frozen=True)
 class Received:
@@ -758,8 +881,9 @@ class Sent:
 class ConnectionRecord:
     """Everything observable about one connection attempt. Safe to read from any thread."""
 
-    def __init__(self, index: int, path: str, headers: Headers, faults: Faults,
-                 python_booleans: bool = False) -> None:
+    def __init__(
+        self, index: int, path: str, headers: Headers, faults: Faults, python_booleans: bool = False
+    ) -> None:
         """Headers are kept raw and lower-cased; the query is parsed even for rejected attempts."""
         self.index = index
         self.started = time.monotonic()
@@ -767,8 +891,9 @@ class ConnectionRecord:
         self.header_items: list[tuple[str, str]] = list(headers.raw_items())
         self.headers: dict[str, str] = {k.lower(): v for k, v in self.header_items}
         split = urllib.parse.urlsplit(path)
-        self.raw_query: dict[str, str] = dict(urllib.parse.parse_qsl(split.query,
-                                                                     keep_blank_values=True))
+        self.raw_query: dict[str, str] = dict(
+            urllib.parse.parse_qsl(split.query, keep_blank_values=True)
+        )
         self.query: dict[str, Any] = {}
         self.query_error: str | None = None
         try:
@@ -790,7 +915,7 @@ class ConnectionRecord:
         self._received: list[Received] = []
         self._sent: list[Sent] = []
         self._audio_ms = 0.0
-        self.raw_sent: list[str] = []   # Faults.raw_*: the texts sent as given, in order
+        self.raw_sent: list[str] = []  # Faults.raw_*: the texts sent as given, in order
 
     # --- writers (server side) ----------------------------------------------------------------
 
@@ -848,14 +973,17 @@ class ConnectionRecord:
         return self.done.wait(timeout)
 
     def __repr__(self) -> str:
-        return (f"ConnectionRecord(index={self.index}, path={self.path!r}, "
-                f"http_status={self.http_status}, close_sent={self.close_sent}, "
-                f"close_received={self.close_received}, aborted={self.aborted})")
+        return (
+            f"ConnectionRecord(index={self.index}, path={self.path!r}, "
+            f"http_status={self.http_status}, close_sent={self.close_sent}, "
+            f"close_received={self.close_received}, aborted={self.aborted})"
+        )
 
 
 # ================================================================================================
 # One session
 # ================================================================================================
+
 
 @dataclass(frozen=True)
 class _CloseRequest:
@@ -873,7 +1001,7 @@ class _Raw:
 class _Session:
     """Runs one accepted WebSocket connection from auth to close."""
 
-    def __init__(self, server: "V3Server", ws: ServerConnection, record: ConnectionRecord):
+    def __init__(self, server: V3Server, ws: ServerConnection, record: ConnectionRecord):
         self.server = server
         self.options = server.options
         self.ws = ws
@@ -885,7 +1013,7 @@ class _Session:
         self.config: SessionConfig | None = None
         self.recognizer: Recognizer | None = None
         self.shaper: TurnShaper | None = None
-        self.state = "opening"            # opening | open | terminating | closing | silent
+        self.state = "opening"  # opening | open | terminating | closing | silent
         self.frames = 0
         self.samples = 0
         self.first_audio_at: float | None = None
@@ -935,8 +1063,12 @@ class _Session:
         self.record.session_id = self.session_id
         self.recognizer = self.server._make_recognizer(self.config)
         llm = "llm_gateway" in self.record.query or self.faults.llm_gateway_response
-        self.shaper = TurnShaper(self.config, self.options.format_pattern, llm_gateway=llm,
-                                 u3_em_dash=self.options.u3_partial_em_dash)
+        self.shaper = TurnShaper(
+            self.config,
+            self.options.format_pattern,
+            llm_gateway=llm,
+            u3_em_dash=self.options.u3_partial_em_dash,
+        )
         if self.faults.begin_delay_s > 0 and not await self._sleep(self.faults.begin_delay_s):
             return False
         begin = self._begin_message()
@@ -953,8 +1085,11 @@ class _Session:
         self._tasks.append(self._sender_task)
         self._tasks.append(asyncio.create_task(self._expiry()))
         if "inactivity_timeout" in self.record.query:
-            self._tasks.append(asyncio.create_task(self._inactivity(
-                float(self.record.query["inactivity_timeout"]))))
+            self._tasks.append(
+                asyncio.create_task(
+                    self._inactivity(float(self.record.query["inactivity_timeout"]))
+                )
+            )
         if self.record.query.get("session_heartbeat") or self.faults.heartbeat:
             self._tasks.append(asyncio.create_task(self._heartbeat()))
         if self.faults.raw_after_s:
@@ -970,9 +1105,10 @@ class _Session:
             task.cancel()
         if self._close_task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._close_task),
-                                       self.options.close_timeout_s + 1)
-            except (asyncio.TimeoutError, ConnectionClosed):
+                await asyncio.wait_for(
+                    asyncio.shield(self._close_task), self.options.close_timeout_s + 1
+                )
+            except (TimeoutError, ConnectionClosed):
                 pass
         protocol = self.ws.protocol
         if protocol.close_sent is not None:
@@ -1023,12 +1159,16 @@ class _Session:
     async def _on_binary(self, data: bytes) -> None:
         assert self.config is not None
         duration = frame_duration_ms(len(data), self.config.encoding, self.config.sample_rate)
-        self.record.add_received(Received(time.monotonic(), "binary", data),
-                                 duration if self.state == "open" else 0.0)
+        self.record.add_received(
+            Received(time.monotonic(), "binary", data), duration if self.state == "open" else 0.0
+        )
         if self.state != "open":
             return
         self.frames += 1
-        if self.faults.drop_after_frames is not None and self.frames >= self.faults.drop_after_frames:
+        if (
+            self.faults.drop_after_frames is not None
+            and self.frames >= self.faults.drop_after_frames
+        ):
             self._abort("drop_after_frames")
             return
         if not await self._check_frame(duration):
@@ -1044,9 +1184,12 @@ class _Session:
     async def _check_frame(self, duration: float) -> bool:
         """Enforce the 50-1000 ms frame size and real-time pacing (§2.1)."""
         if not MIN_FRAME_MS <= duration <= MAX_FRAME_MS:
-            await self._fail(3007, self.options.duration_error_prefix
-                             + f"Input duration violation: {_fmt_number(duration)} ms. "
-                             f"Expected between {MIN_FRAME_MS} and {MAX_FRAME_MS} ms")
+            await self._fail(
+                3007,
+                self.options.duration_error_prefix
+                + f"Input duration violation: {_fmt_number(duration)} ms. "
+                f"Expected between {MIN_FRAME_MS} and {MAX_FRAME_MS} ms",
+            )
             return False
         now = time.monotonic()
         if self.first_audio_at is None:
@@ -1054,17 +1197,25 @@ class _Session:
         audio_s = self.record.audio_ms / 1000.0
         elapsed = now - self.first_audio_at
         if audio_s - elapsed > self.options.max_lead_s:
-            await self._fail(3007, self.options.duration_error_prefix
-                             + f"Audio Transmission Rate Exceeded: Received {audio_s:.1f} sec. "
-                             f"audio in {elapsed:.6f} sec")
+            await self._fail(
+                3007,
+                self.options.duration_error_prefix
+                + f"Audio Transmission Rate Exceeded: Received {audio_s:.1f} sec. "
+                f"audio in {elapsed:.6f} sec",
+            )
             return False
         return True
 
     async def _frame_faults(self) -> None:
         faults = self.faults
         if faults.warning_after_frames == self.frames:
-            self._enqueue({"type": "Warning", "warning_code": faults.warning_code,
-                           "warning": faults.warning_text})
+            self._enqueue(
+                {
+                    "type": "Warning",
+                    "warning_code": faults.warning_code,
+                    "warning": faults.warning_text,
+                }
+            )
         if faults.raw_after_frames and faults.raw_after_frames[0] == self.frames:
             for text in faults.raw_after_frames[1]:
                 self._enqueue(_Raw(text))
@@ -1102,8 +1253,10 @@ class _Session:
         assert self.config is not None and self.shaper is not None
         changes = {k: v for k, v in message.items() if k != "type" and v is not None}
         updates: dict[str, Any] = {}
-        for key, attr in (("max_turn_silence", "max_turn_silence_ms"),
-                          ("min_turn_silence", "min_turn_silence_ms")):
+        for key, attr in (
+            ("max_turn_silence", "max_turn_silence_ms"),
+            ("min_turn_silence", "min_turn_silence_ms"),
+        ):
             if isinstance(changes.get(key), (int, float)) and not isinstance(changes[key], bool):
                 updates[attr] = int(changes[key])
         if isinstance(changes.get("format_turns"), bool):
@@ -1144,9 +1297,11 @@ class _Session:
         self._outq.put_nowait((0.0, _CloseRequest(1000, "")))
 
     def _termination_message(self) -> dict:
-        return {"type": "Termination",
-                "audio_duration_seconds": int(round(self.record.audio_ms / 1000.0)),
-                "session_duration_seconds": int(round(time.monotonic() - self.record.started))}
+        return {
+            "type": "Termination",
+            "audio_duration_seconds": int(round(self.record.audio_ms / 1000.0)),
+            "session_duration_seconds": int(round(time.monotonic() - self.record.started)),
+        }
 
     # --- emitting --------------------------------------------------------------------------------
 
@@ -1160,8 +1315,7 @@ class _Session:
                 is_final = message.get("type") == "Turn" and message["end_of_turn"]
                 late = is_final or message.get("type") == "LLMGatewayResponse"
                 if is_final and not ended and self.faults.unknown_messages:
-                    self._enqueue(self._unknown_message("before_final"),
-                                  self.faults.turn_delay_s)
+                    self._enqueue(self._unknown_message("before_final"), self.faults.turn_delay_s)
                 self._enqueue(message, self.faults.turn_delay_s if late else 0.0)
                 ended = ended or is_final
         return ended
@@ -1286,10 +1440,15 @@ class _Session:
                 continue
             audio_ms = int(self.record.audio_ms)
             total_ms = int((time.monotonic() - self.record.started) * 1000)
-            self._enqueue({"type": "Heartbeat", "total_audio_received_ms": audio_ms,
-                           "total_duration_ms": total_ms,
-                           "realtime_factor": round(audio_ms / max(total_ms, 1), 4),
-                           "max_speech_probability": 0.0})
+            self._enqueue(
+                {
+                    "type": "Heartbeat",
+                    "total_audio_received_ms": audio_ms,
+                    "total_duration_ms": total_ms,
+                    "realtime_factor": round(audio_ms / max(total_ms, 1), 4),
+                    "max_speech_probability": 0.0,
+                }
+            )
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless the connection closes first; True if still open."""
@@ -1310,12 +1469,16 @@ class _Session:
 # Server
 # ================================================================================================
 
+
 class V3Server:
     """An asyncio v3 server. Use :class:`ServerThread` to run it from synchronous code."""
 
-    def __init__(self, options: ServerOptions | None = None,
-                 recognizer_factory: RecognizerFactory | None = None,
-                 faults: Faults | Sequence[Faults] | None = None) -> None:
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        recognizer_factory: RecognizerFactory | None = None,
+        faults: Faults | Sequence[Faults] | None = None,
+    ) -> None:
         self.options = options or ServerOptions()
         self._factory = recognizer_factory or NullRecognizer
         self._lock = threading.Lock()
@@ -1325,7 +1488,7 @@ class V3Server:
         self._records: list[ConnectionRecord] = []
         self._admitted: collections.deque[float] = collections.deque()
         self._used_tokens: set[str] = set()
-        self._minted: dict[str, tuple[float, float]] = {}   # live token -> (deadline, max s)
+        self._minted: dict[str, tuple[float, float]] = {}  # live token -> (deadline, max s)
         self._ever_minted: set[str] = set()
         #: ``GET /v3/token`` requests: (status, response body), oldest first.
         self.token_requests: list[tuple[int, dict]] = []
@@ -1375,8 +1538,9 @@ class V3Server:
         """Block until at least ``count`` attempts were seen; raises TimeoutError otherwise."""
         with self._changed:
             if not self._changed.wait_for(lambda: len(self._records) >= count, timeout):
-                raise TimeoutError(f"expected {count} connection attempts, "
-                                   f"saw {len(self._records)}")
+                raise TimeoutError(
+                    f"expected {count} connection attempts, saw {len(self._records)}"
+                )
             return list(self._records)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -1398,7 +1562,9 @@ class V3Server:
 
     async def start(self) -> None:
         self._server = await serve(
-            self._handle, self.options.host, self.options.port,
+            self._handle,
+            self.options.host,
+            self.options.port,
             process_request=self._process_request,
             max_size=self.options.max_message_bytes,
             close_timeout=self.options.close_timeout_s,
@@ -1412,7 +1578,7 @@ class V3Server:
         self._server.close()
         try:
             await asyncio.wait_for(self._server.wait_closed(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("v3 server did not close within %.1f s", timeout)
 
     # --- connection handling ------------------------------------------------------------------
@@ -1432,8 +1598,13 @@ class V3Server:
             return response
         with self._changed:
             faults = self._queued_faults.popleft() if self._queued_faults else self._default_faults
-            record = ConnectionRecord(len(self._records), request.path, request.headers, faults,
-                                      self.options.python_booleans)
+            record = ConnectionRecord(
+                len(self._records),
+                request.path,
+                request.headers,
+                faults,
+                self.options.python_booleans,
+            )
             self._records.append(record)
             self._changed.notify_all()
         status = self._http_status(record)
@@ -1477,16 +1648,20 @@ class V3Server:
         low, high = TOKEN_EXPIRES_RANGE
         expires = _strict_int(params.get("expires_in_seconds"))
         if expires is None or not low <= expires <= high:
-            return 400, {"error": f"expires_in_seconds must be an integer between {low} and "
-                                  f"{high}", "code": "invalid_parameter"}
+            return 400, {
+                "error": f"expires_in_seconds must be an integer between {low} and {high}",
+                "code": "invalid_parameter",
+            }
         max_session: float = TOKEN_MAX_SESSION_RANGE[1]
         if "max_session_duration_seconds" in params:
             low_s, high_s = self.options.token_min_session_s, TOKEN_MAX_SESSION_RANGE[1]
             value = _strict_int(params["max_session_duration_seconds"])
             if value is None or not low_s <= value <= high_s:
-                return 400, {"error": "max_session_duration_seconds must be an integer between "
-                                      f"{_fmt_number(low_s)} and {high_s}",
-                             "code": "invalid_parameter"}
+                return 400, {
+                    "error": "max_session_duration_seconds must be an integer between "
+                    f"{_fmt_number(low_s)} and {high_s}",
+                    "code": "invalid_parameter",
+                }
             max_session = value
         token = secrets.token_urlsafe(32)
         with self._lock:
@@ -1556,9 +1731,12 @@ class V3Server:
 class ServerThread:
     """Runs a :class:`V3Server` on its own event loop in a background thread."""
 
-    def __init__(self, options: ServerOptions | None = None,
-                 recognizer_factory: RecognizerFactory | None = None,
-                 faults: Faults | Sequence[Faults] | None = None) -> None:
+    def __init__(
+        self,
+        options: ServerOptions | None = None,
+        recognizer_factory: RecognizerFactory | None = None,
+        faults: Faults | Sequence[Faults] | None = None,
+    ) -> None:
         self.server = V3Server(options, recognizer_factory, faults)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1566,7 +1744,7 @@ class ServerThread:
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def start(self, timeout: float = 10.0) -> "ServerThread":
+    def start(self, timeout: float = 10.0) -> ServerThread:
         """Return once the server is listening (``url`` is then valid)."""
         self._thread = threading.Thread(target=self._run, name="v3server", daemon=True)
         self._thread.start()
@@ -1604,7 +1782,7 @@ class ServerThread:
         finally:
             await self.server.stop()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -7,6 +7,7 @@ Sinks themselves stay plain synchronous objects with ``emit(event)`` and ``close
 whose ``emit`` only queues without blocking (the control socket's) says so with
 ``inline = True`` and is called on the caller's thread: a worker would only add a wake-up.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import stat
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Protocol, TextIO
+from collections.abc import Callable, Iterable
+from typing import Protocol, TextIO
 
 from pttd.core.mailbox import Mailbox
 
@@ -45,6 +47,7 @@ def skipped_kinds(sink: Sink) -> frozenset:
 
 
 # --------------------------------------------------------------------------- stdout
+
 
 class StdoutSink:
     """Events on a text stream: ``jsonl`` (the contract's lines), ``text`` (readable) or ``none``.
@@ -115,9 +118,12 @@ def text_line(event: dict) -> str | None:
     if kind in ("error", "warning"):
         code = event.get("code")
         retry = event.get("retry_in_s")
-        return (f"{kind}: " + (f"[{code}] " if code is not None else "")
-                + _flat(event.get("message", ""))
-                + (f" (retry in {retry:g}s)" if retry is not None else ""))
+        return (
+            f"{kind}: "
+            + (f"[{code}] " if code is not None else "")
+            + _flat(event.get("message", ""))
+            + (f" (retry in {retry:g}s)" if retry is not None else "")
+        )
     rest = {k: v for k, v in event.items() if k not in ("event", "ts")}
     return f"{kind}: {json_line(rest)}"
 
@@ -130,12 +136,19 @@ def _flat(text: object) -> str:
 # --------------------------------------------------------------------------- journald
 
 # Contract keys with a fixed journal field name; every other key becomes PTTD_<KEY>.
-_FIELD_NAMES = {"turn_order": "TURN_ORDER", "session_id": "SESSION_ID", "press_id": "PRESS_ID",
-                "audio_ms": "AUDIO_MS", "latency_ms": "LATENCY_MS", "code": "ERROR_CODE",
-                "state": "PTTD_STATE", "language_code": "LANGUAGE_CODE"}
+_FIELD_NAMES = {
+    "turn_order": "TURN_ORDER",
+    "session_id": "SESSION_ID",
+    "press_id": "PRESS_ID",
+    "audio_ms": "AUDIO_MS",
+    "latency_ms": "LATENCY_MS",
+    "code": "ERROR_CODE",
+    "state": "PTTD_STATE",
+    "language_code": "LANGUAGE_CODE",
+}
 _MESSAGE_KEY = {"final": "text", "partial": "text", "error": "message", "warning": "message"}
-_PRIORITY = {"final": 6, "error": 3, "warning": 4, "state": 7}   # info, err, warning, debug
-_SKIPPED_KEYS = {"event", "ts"}                     # journald stamps its own time
+_PRIORITY = {"final": 6, "error": 3, "warning": 4, "state": 7}  # info, err, warning, debug
+_SKIPPED_KEYS = {"event", "ts"}  # journald stamps its own time
 
 
 class JournalSink:
@@ -149,8 +162,12 @@ class JournalSink:
 
     skips = frozenset({"partial"})  # journal_fields() has no record for them
 
-    def __init__(self, speech_model: str, send: Callable[..., None] | None = None,
-                 socket_path: str = JOURNAL_SOCKET):
+    def __init__(
+        self,
+        speech_model: str,
+        send: Callable[..., None] | None = None,
+        socket_path: str = JOURNAL_SOCKET,
+    ):
         self.speech_model = speech_model
         self._send = send
         self._probe = send is None
@@ -190,8 +207,12 @@ def journal_fields(event: dict, speech_model: str) -> dict | None:
     kind = event.get("event")
     if kind == "partial":
         return None
-    fields = {"MESSAGE": _journal_message(event), "SYSLOG_IDENTIFIER": IDENTIFIER,
-              "PTTD_EVENT": str(kind), "PRIORITY": str(_PRIORITY.get(kind, 7))}
+    fields = {
+        "MESSAGE": _journal_message(event),
+        "SYSLOG_IDENTIFIER": IDENTIFIER,
+        "PTTD_EVENT": str(kind),
+        "PRIORITY": str(_PRIORITY.get(kind, 7)),
+    }
     if kind == "final":
         fields["SPEECH_MODEL"] = speech_model
     for key, value in event.items():
@@ -240,6 +261,7 @@ def _journal_send() -> Callable[..., None] | None:
 
 # --------------------------------------------------------------------------- logging
 
+
 def journal_stream_matches(stream: TextIO | None = None) -> bool:
     """True when ``stream`` (default stderr) is connected to journald by systemd.
 
@@ -265,6 +287,7 @@ def journal_logging_handler(level: int = logging.NOTSET) -> logging.Handler:
     if journal_stream_matches():
         try:
             from systemd.journal import JournalHandler
+
             handler: logging.Handler = JournalHandler(level, SYSLOG_IDENTIFIER=IDENTIFIER)
             handler.setFormatter(logging.Formatter("%(message)s"))
             return handler
@@ -277,6 +300,7 @@ def journal_logging_handler(level: int = logging.NOTSET) -> logging.Handler:
 
 
 # --------------------------------------------------------------------------- fan-out
+
 
 class Outputs:
     """Delivers every event to every sink, in order, without blocking or raising into the caller.
@@ -291,8 +315,9 @@ class Outputs:
     def __init__(self, sinks: Iterable[Sink], threaded: bool = True, queue_size: int = 256):
         self.sinks = list(sinks)
         self._inline = [s for s in self.sinks if not threaded or is_inline(s)]
-        self._workers = [_SinkWorker(s, queue_size) for s in self.sinks
-                         if threaded and not is_inline(s)]
+        self._workers = [
+            _SinkWorker(s, queue_size) for s in self.sinks if threaded and not is_inline(s)
+        ]
         self._inline_failed: set[int] = set()
         self._inline_failures = 0
 
@@ -369,8 +394,9 @@ class _SinkWorker:
         self._dropped = 0
         self._failed = False
         self.failures = 0
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"pttd-out-{type(sink).__name__}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"pttd-out-{type(sink).__name__}"
+        )
         self._thread.start()
 
     def put(self, event: dict | _Receipt) -> bool:
@@ -381,8 +407,11 @@ class _SinkWorker:
         except queue.Full:
             self._dropped += 1
             if self._dropped == 1:
-                log.warning("output %s is %d events behind; dropping new events for it",
-                            type(self.sink).__name__, self._queue.maxsize)
+                log.warning(
+                    "output %s is %d events behind; dropping new events for it",
+                    type(self.sink).__name__,
+                    self._queue.maxsize,
+                )
             return False
 
     def finish(self) -> None:
@@ -392,8 +421,11 @@ class _SinkWorker:
     def join(self, deadline: float) -> None:
         self._thread.join(max(0.0, deadline - _now()))
         if self._thread.is_alive():
-            log.warning("output %s did not finish in time; %d events undelivered",
-                        type(self.sink).__name__, self._queue.qsize())
+            log.warning(
+                "output %s did not finish in time; %d events undelivered",
+                type(self.sink).__name__,
+                self._queue.qsize(),
+            )
 
     def _run(self) -> None:
         while True:
@@ -401,8 +433,11 @@ class _SinkWorker:
             if event is _STOP:
                 return
             if self._dropped:
-                log.warning("output %s caught up; %d events were dropped",
-                            type(self.sink).__name__, self._dropped)
+                log.warning(
+                    "output %s caught up; %d events were dropped",
+                    type(self.sink).__name__,
+                    self._dropped,
+                )
                 self._dropped = 0
             receipt = event if type(event) is _Receipt else None
             if receipt is not None:

@@ -28,6 +28,7 @@ slow hook never holds the controller up. One hook thread runs the programs one a
 order. ``close`` lets the current run finish for a short grace, then kills it; queued finals left
 then are dropped with a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,19 +41,19 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
-KILL_GRACE_S = 1.0      # SIGTERM → SIGKILL on timeout
+KILL_GRACE_S = 1.0  # SIGTERM → SIGKILL on timeout
 STOP_KILL_GRACE_S = 0.2  # the same when pttd is stopping (its 5 s budget is shared)
-BACKOFF_S = 0.5         # first retry pause; doubles each retry
-OUTPUT_TAIL = 2000      # bytes of the hook's output logged on failure
+BACKOFF_S = 0.5  # first retry pause; doubles each retry
+OUTPUT_TAIL = 2000  # bytes of the hook's output logged on failure
 OUTPUT_LIMIT = 1 << 20  # bytes of output read per run; then the pipe is closed
 FILE_SIZE_LIMIT = 64 << 20  # the hook's RLIMIT_FSIZE: the largest file it may write
 ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR")
 """Variables of pttd's environment passed on to the hook (plus ``LC_*``); nothing else is."""
-_CHUNK = 65536         # bytes per pipe read or write
+_CHUNK = 65536  # bytes per pipe read or write
 _STOP = object()
 
 
@@ -61,18 +62,24 @@ class HookSink:
 
     inline = True  # emit only queues (put_nowait): Outputs calls it on the controller's thread
 
-    def __init__(self, argv: Sequence[str], timeout_s: float = 10.0, retries: int = 2,
-                 queue_size: int = 32, close_grace_s: float = 1.0):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        timeout_s: float = 10.0,
+        retries: int = 2,
+        queue_size: int = 32,
+        close_grace_s: float = 1.0,
+    ):
         if not argv:
             raise ValueError("hook argv must not be empty")
         self.argv = [str(a) for a in argv]
         self.timeout_s = timeout_s
         self.retries = retries
         self.close_grace_s = close_grace_s
-        self.runs = 0                      # program starts, for status and tests
-        self.delivered = 0                 # finals a run succeeded for
-        self.failures = 0                  # finals given up on
-        self.abandoned = 0                 # finals never run because pttd stopped
+        self.runs = 0  # program starts, for status and tests
+        self.delivered = 0  # finals a run succeeded for
+        self.failures = 0  # finals given up on
+        self.abandoned = 0  # finals never run because pttd stopped
         self._give_up_at = float("inf")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._stopping = threading.Event()
@@ -89,8 +96,12 @@ class HookSink:
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            log.warning("hook %s is %d finals behind; dropping press %s", self.argv[0],
-                        self._queue.maxsize, event.get("press_id"))
+            log.warning(
+                "hook %s is %d finals behind; dropping press %s",
+                self.argv[0],
+                self._queue.maxsize,
+                event.get("press_id"),
+            )
 
     def close(self) -> None:
         """Queued finals get ``close_grace_s`` in all (no retries), then the run is killed."""
@@ -108,8 +119,9 @@ class HookSink:
         if self._thread.is_alive():
             log.warning("hook thread did not stop in time")
         elif self.abandoned:
-            log.warning("hook: pttd stopped with %d final(s) not handed to %s",
-                        self.abandoned, self.argv[0])
+            log.warning(
+                "hook: pttd stopped with %d final(s) not handed to %s", self.abandoned, self.argv[0]
+            )
 
     def _put_stop(self, timeout: float) -> bool:
         try:
@@ -145,8 +157,12 @@ class HookSink:
             if self._stopping.wait(BACKOFF_S * 2 ** (attempt - 1)):
                 break
         self.failures += 1
-        log.error("hook %s gave up on press %s after %d attempt(s)", self.argv[0],
-                  event.get("press_id"), attempt)
+        log.error(
+            "hook %s gave up on press %s after %d attempt(s)",
+            self.argv[0],
+            event.get("press_id"),
+            attempt,
+        )
 
     def _attempt(self, event: dict, attempt: int) -> str | None:
         """One run; None on success, else a short description of the failure (already logged)."""
@@ -159,28 +175,49 @@ class HookSink:
         code, timed_out = self._wait(proc, _stdin_bytes(event), output)
         if code == 0 and not timed_out:
             if output.cut:
-                log.warning("hook %s printed more than %d bytes for press %s; the rest was not "
-                            "read (its output pipe was closed)%s", self.argv[0], OUTPUT_LIMIT,
-                            event.get("press_id"), output.describe())
+                log.warning(
+                    "hook %s printed more than %d bytes for press %s; the rest was not "
+                    "read (its output pipe was closed)%s",
+                    self.argv[0],
+                    OUTPUT_LIMIT,
+                    event.get("press_id"),
+                    output.describe(),
+                )
             log.debug("hook %s done for press %s", self.argv[0], event.get("press_id"))
             return None
-        what = (f"timed out after {self.timeout_s:g} s (process group killed)" if timed_out
-                else _exit_text(code))
-        log.warning("hook %s failed for press %s (attempt %d of %d): %s%s", self.argv[0],
-                    event.get("press_id"), attempt, self.retries + 1, what, output.describe())
+        what = (
+            f"timed out after {self.timeout_s:g} s (process group killed)"
+            if timed_out
+            else _exit_text(code)
+        )
+        log.warning(
+            "hook %s failed for press %s (attempt %d of %d): %s%s",
+            self.argv[0],
+            event.get("press_id"),
+            attempt,
+            self.retries + 1,
+            what,
+            output.describe(),
+        )
         return what
 
     def _spawn(self, event: dict, attempt: int) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=hook_env(event, attempt),
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=hook_env(event, attempt),
+            start_new_session=True,
+            close_fds=True,
+        )
         limit_resources(proc.pid)
         with self._proc_lock:
             self._proc = proc
         self.runs += 1
         return proc
 
-    def _wait(self, proc: subprocess.Popen, stdin: bytes, output: "HookOutput") -> tuple[int, bool]:
+    def _wait(self, proc: subprocess.Popen, stdin: bytes, output: HookOutput) -> tuple[int, bool]:
         """Feed stdin, read the output, wait for the exit, all within the timeout; on timeout
         kill the group. Returns (exit code, timed out)."""
         deadline = time.monotonic() + self.timeout_s
@@ -214,14 +251,14 @@ class HookOutput:
         self.keep = keep
         self.limit = limit
         self.total = 0
-        self.cut = False   # the limit was reached and the pipe closed
+        self.cut = False  # the limit was reached and the pipe closed
         self._tail = bytearray()
 
     def add(self, data: bytes) -> bool:
         """Record a read; False once more than ``limit`` bytes came (stop reading then)."""
         self.total += len(data)
-        self._tail += data[-self.keep:]
-        del self._tail[:-self.keep]
+        self._tail += data[-self.keep :]
+        del self._tail[: -self.keep]
         if self.total > self.limit:
             self.cut = True
         return not self.cut
@@ -245,7 +282,10 @@ def _pump(proc: subprocess.Popen, stdin: bytes, output: HookOutput, deadline: fl
     closed); False when ``deadline`` passes first."""
     pending = memoryview(stdin)
     with selectors.DefaultSelector() as sel:
-        for pipe, events in ((proc.stdin, selectors.EVENT_WRITE), (proc.stdout, selectors.EVENT_READ)):
+        for pipe, events in (
+            (proc.stdin, selectors.EVENT_WRITE),
+            (proc.stdout, selectors.EVENT_READ),
+        ):
             os.set_blocking(pipe.fileno(), False)
             sel.register(pipe, events)
         while sel.get_map():
@@ -267,7 +307,7 @@ def _pump(proc: subprocess.Popen, stdin: bytes, output: HookOutput, deadline: fl
 def _feed(pipe, pending: memoryview) -> memoryview:
     """Write what the pipe takes now; empty when all is written or the hook closed its stdin."""
     try:
-        return pending[os.write(pipe.fileno(), pending[:_CHUNK]):]
+        return pending[os.write(pipe.fileno(), pending[:_CHUNK]) :]
     except BlockingIOError:
         return pending
     except OSError:  # EPIPE: the hook does not read its stdin, which is fine

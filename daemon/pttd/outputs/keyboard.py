@@ -10,6 +10,7 @@ are plain functions that tests drive without a kernel. :class:`TypingSink` only 
 output to an ``evdev.UInput`` (or any object with ``write(type, code, value)`` and ``close()``).
 python-evdev is imported only when the sink opens its device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ import os
 import threading
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,28 @@ TRAILING = {"space": " ", "newline": "\n", "none": ""}
 
 EV_SYN, EV_KEY, SYN_REPORT = 0x00, 0x01, 0
 KEY: dict[str, int] = {
-    **{d: 2 + i for i, d in enumerate("123456789")}, "0": 11,
+    **{d: 2 + i for i, d in enumerate("123456789")},
+    "0": 11,
     **{c: 16 + i for i, c in enumerate("QWERTYUIOP")},
     **{c: 30 + i for i, c in enumerate("ASDFGHJKL")},
     **{c: 44 + i for i, c in enumerate("ZXCVBNM")},
-    "MINUS": 12, "EQUAL": 13, "BACKSPACE": 14, "TAB": 15, "LEFTBRACE": 26, "RIGHTBRACE": 27,
-    "ENTER": 28, "SEMICOLON": 39, "APOSTROPHE": 40, "GRAVE": 41, "LEFTSHIFT": 42,
-    "BACKSLASH": 43, "COMMA": 51, "DOT": 52, "SLASH": 53, "SPACE": 57, "102ND": 86,
+    "MINUS": 12,
+    "EQUAL": 13,
+    "BACKSPACE": 14,
+    "TAB": 15,
+    "LEFTBRACE": 26,
+    "RIGHTBRACE": 27,
+    "ENTER": 28,
+    "SEMICOLON": 39,
+    "APOSTROPHE": 40,
+    "GRAVE": 41,
+    "LEFTSHIFT": 42,
+    "BACKSLASH": 43,
+    "COMMA": 51,
+    "DOT": 52,
+    "SLASH": 53,
+    "SPACE": 57,
+    "102ND": 86,
     "RIGHTALT": 100,
 }
 
@@ -63,37 +79,93 @@ _LETTERS = {c: (c.lower(), c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _US = {
     **_LETTERS,
-    "GRAVE": ("`", "~"), "1": ("1", "!"), "2": ("2", "@"), "3": ("3", "#"), "4": ("4", "$"),
-    "5": ("5", "%"), "6": ("6", "^"), "7": ("7", "&"), "8": ("8", "*"), "9": ("9", "("),
-    "0": ("0", ")"), "MINUS": ("-", "_"), "EQUAL": ("=", "+"), "LEFTBRACE": ("[", "{"),
-    "RIGHTBRACE": ("]", "}"), "BACKSLASH": ("\\", "|"), "SEMICOLON": (";", ":"),
-    "APOSTROPHE": ("'", '"'), "COMMA": (",", "<"), "DOT": (".", ">"), "SLASH": ("/", "?"),
+    "GRAVE": ("`", "~"),
+    "1": ("1", "!"),
+    "2": ("2", "@"),
+    "3": ("3", "#"),
+    "4": ("4", "$"),
+    "5": ("5", "%"),
+    "6": ("6", "^"),
+    "7": ("7", "&"),
+    "8": ("8", "*"),
+    "9": ("9", "("),
+    "0": ("0", ")"),
+    "MINUS": ("-", "_"),
+    "EQUAL": ("=", "+"),
+    "LEFTBRACE": ("[", "{"),
+    "RIGHTBRACE": ("]", "}"),
+    "BACKSLASH": ("\\", "|"),
+    "SEMICOLON": (";", ":"),
+    "APOSTROPHE": ("'", '"'),
+    "COMMA": (",", "<"),
+    "DOT": (".", ">"),
+    "SLASH": ("/", "?"),
 }
 
 _GB = {
     **_US,
-    "GRAVE": ("`", "¬", "|"), "1": ("1", "!", "¹"), "2": ("2", '"', "²"), "3": ("3", "£", "³"),
-    "4": ("4", "$", "€"), "5": ("5", "%", "½"), "6": ("6", "^", "¾"), "M": ("m", "M", "µ"),
-    "APOSTROPHE": ("'", "@"), "BACKSLASH": ("#", "~"), "102ND": ("\\", "|"),
+    "GRAVE": ("`", "¬", "|"),
+    "1": ("1", "!", "¹"),
+    "2": ("2", '"', "²"),
+    "3": ("3", "£", "³"),
+    "4": ("4", "$", "€"),
+    "5": ("5", "%", "½"),
+    "6": ("6", "^", "¾"),
+    "M": ("m", "M", "µ"),
+    "APOSTROPHE": ("'", "@"),
+    "BACKSLASH": ("#", "~"),
+    "102ND": ("\\", "|"),
 }
 
 _DE = {
-    **_LETTERS, "Y": ("z", "Z"), "Z": ("y", "Y"),
-    "GRAVE": ("^", "°"), "1": ("1", "!", "¹"), "2": ("2", '"', "²"), "3": ("3", "§", "³"),
-    "4": ("4", "$", "¼"), "5": ("5", "%", "½"), "6": ("6", "&", "¬"), "7": ("7", "/", "{"),
-    "8": ("8", "(", "["), "9": ("9", ")", "]"), "0": ("0", "=", "}"), "MINUS": ("ß", "?", "\\"),
-    "EQUAL": ("´", "`"), "Q": ("q", "Q", "@"), "E": ("e", "E", "€"), "M": ("m", "M", "µ"),
-    "V": ("v", "V", "„"), "B": ("b", "B", "“"), "N": ("n", "N", "”"),
-    "LEFTBRACE": ("ü", "Ü"), "RIGHTBRACE": ("+", "*", "~"), "SEMICOLON": ("ö", "Ö"),
-    "APOSTROPHE": ("ä", "Ä"), "BACKSLASH": ("#", "'", "’"), "102ND": ("<", ">", "|"),
-    "COMMA": (",", ";", "·"), "DOT": (".", ":", "…"), "SLASH": ("-", "_", "–", "—"),
+    **_LETTERS,
+    "Y": ("z", "Z"),
+    "Z": ("y", "Y"),
+    "GRAVE": ("^", "°"),
+    "1": ("1", "!", "¹"),
+    "2": ("2", '"', "²"),
+    "3": ("3", "§", "³"),
+    "4": ("4", "$", "¼"),
+    "5": ("5", "%", "½"),
+    "6": ("6", "&", "¬"),
+    "7": ("7", "/", "{"),
+    "8": ("8", "(", "["),
+    "9": ("9", ")", "]"),
+    "0": ("0", "=", "}"),
+    "MINUS": ("ß", "?", "\\"),
+    "EQUAL": ("´", "`"),
+    "Q": ("q", "Q", "@"),
+    "E": ("e", "E", "€"),
+    "M": ("m", "M", "µ"),
+    "V": ("v", "V", "„"),
+    "B": ("b", "B", "“"),
+    "N": ("n", "N", "”"),
+    "LEFTBRACE": ("ü", "Ü"),
+    "RIGHTBRACE": ("+", "*", "~"),
+    "SEMICOLON": ("ö", "Ö"),
+    "APOSTROPHE": ("ä", "Ä"),
+    "BACKSLASH": ("#", "'", "’"),
+    "102ND": ("<", ">", "|"),
+    "COMMA": (",", ";", "·"),
+    "DOT": (".", ":", "…"),
+    "SLASH": ("-", "_", "–", "—"),
 }
 # Dead keys type their character only when followed by a space.
 _DE_DEAD = {("GRAVE", 0), ("EQUAL", 0), ("EQUAL", 1)}
 
 # Typographic characters a layout may lack, typed as their plain look-alikes instead.
-SUBSTITUTES = {"’": "'", "‘": "'", "“": '"', "”": '"', "„": '"', "–": "-", "—": "-",
-               "…": "...", "\u00a0": " ", "\u202f": " "}
+SUBSTITUTES = {
+    "’": "'",
+    "‘": "'",
+    "“": '"',
+    "”": '"',
+    "„": '"',
+    "–": "-",
+    "—": "-",
+    "…": "...",
+    "\u00a0": " ",
+    "\u202f": " ",
+}
 
 
 @dataclass(frozen=True)
@@ -113,7 +185,10 @@ class Layout:
 def _layout(name: str, table: dict[str, tuple[str, ...]], dead: set = frozenset()) -> Layout:
     """Build char → strokes; the lowest level wins (Shift+x beats AltGr+y for the same char)."""
     chars: dict[str, tuple[Stroke, ...]] = {
-        " ": (SPACE,), "\n": (Stroke(KEY["ENTER"]),), "\t": (Stroke(KEY["TAB"]),)}
+        " ": (SPACE,),
+        "\n": (Stroke(KEY["ENTER"]),),
+        "\t": (Stroke(KEY["TAB"]),),
+    }
     for level in range(4):
         for key, levels in table.items():
             ch = levels[level] if level < len(levels) else ""
@@ -125,11 +200,14 @@ def _layout(name: str, table: dict[str, tuple[str, ...]], dead: set = frozenset(
 
 
 LAYOUTS: dict[str, Layout] = {
-    "us": _layout("us", _US), "gb": _layout("gb", _GB), "de": _layout("de", _DE, _DE_DEAD),
+    "us": _layout("us", _US),
+    "gb": _layout("gb", _GB),
+    "de": _layout("de", _DE, _DE_DEAD),
 }
 
 
 # --- text → strokes → key events -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Translation:
@@ -196,6 +274,7 @@ def key_events(text: str, layout: Layout) -> tuple[list[tuple[int, int, int]], t
 
 # --- partial typing: what to erase and what to type ----------------------------------------------
 
+
 @dataclass(frozen=True)
 class Edit:
     """Backspace ``erase`` characters, then type ``text`` (already on-screen text)."""
@@ -257,7 +336,7 @@ class TurnTyper:
         self._words = words
         screen = typable_prefix("".join(w + " " for w in stable), self.layout)
         if len(screen) > len(self.preview) and screen.startswith(self.preview):
-            added = screen[len(self.preview):]
+            added = screen[len(self.preview) :]
             self.preview = screen
             return Edit(0, added)
         return Edit()  # nothing new, or a revision of typed words: the final settles it
@@ -283,6 +362,7 @@ class TurnTyper:
 
 # --- the sink ------------------------------------------------------------------------------------
 
+
 class TypingError(RuntimeError):
     """The virtual keyboard cannot be made (the daemon turns this into a start-up error)."""
 
@@ -294,8 +374,14 @@ class TypingSink:
     hold up the controller. ``close()`` interrupts typing that is still going on.
     """
 
-    def __init__(self, keyboard, layout: str = "us", trailing: str = "space",
-                 partials: bool = False, delay_ms: int = 10):
+    def __init__(
+        self,
+        keyboard,
+        layout: str = "us",
+        trailing: str = "space",
+        partials: bool = False,
+        delay_ms: int = 10,
+    ):
         self.layout = LAYOUTS[layout]
         self._kbd = keyboard
         self._typer = TurnTyper(self.layout, trailing, partials)
@@ -305,7 +391,7 @@ class TypingSink:
         self.untypable: Counter[str] = Counter()
 
     @classmethod
-    def open(cls, layout: str = "us", **kwargs) -> "TypingSink":
+    def open(cls, layout: str = "us", **kwargs) -> TypingSink:
         """A sink on a new kernel uinput keyboard; TypingError says what to fix."""
         if layout not in LAYOUTS:
             raise TypingError(f"unknown keyboard layout {layout!r} (known: {', '.join(LAYOUTS)})")
@@ -347,9 +433,14 @@ class TypingSink:
             return
         self.untypable.update(missing)
         shown = ", ".join(sorted({f"{c!r} (U+{ord(c):04X})" for c in missing}))
-        log.warning("typing: layout %r cannot type %s in final of press %s; skipped "
-                    "(%d untypable characters so far)", self.layout.name, shown,
-                    event.get("press_id"), self.untypable_count)
+        log.warning(
+            "typing: layout %r cannot type %s in final of press %s; skipped "
+            "(%d untypable characters so far)",
+            self.layout.name,
+            shown,
+            event.get("press_id"),
+            self.untypable_count,
+        )
 
     def _type(self, edit: Edit) -> None:
         strokes = [BACKSPACE] * edit.erase + list(translate(edit.text, self.layout).strokes)
@@ -364,29 +455,36 @@ class TypingSink:
                 self._closing.wait(self._delay_s)
 
 
-def open_keyboard(layout: Layout, path: str = UINPUT_PATH,
-                  import_evdev: Callable | None = None):
+def open_keyboard(layout: Layout, path: str = UINPUT_PATH, import_evdev: Callable | None = None):
     """An ``evdev.UInput`` keyboard with the layout's keys; TypingError names what to fix."""
     evdev = (import_evdev or _import_evdev)()
     if not os.path.exists(path):
-        raise TypingError(f"output.type = true needs {path}: load the kernel module "
-                          "(sudo modprobe uinput; persist it with "
-                          "echo uinput | sudo tee /etc/modules-load.d/uinput.conf)")
+        raise TypingError(
+            f"output.type = true needs {path}: load the kernel module "
+            "(sudo modprobe uinput; persist it with "
+            "echo uinput | sudo tee /etc/modules-load.d/uinput.conf)"
+        )
     if not os.access(path, os.R_OK | os.W_OK):
-        raise TypingError(f"output.type = true: no access to {path}: install "
-                          "hardware/99-pttd-uinput.rules (group input, mode 0660) and give the "
-                          "service SupplementaryGroups=input and DeviceAllow=/dev/uinput rw")
+        raise TypingError(
+            f"output.type = true: no access to {path}: install "
+            "hardware/99-pttd-uinput.rules (group input, mode 0660) and give the "
+            "service SupplementaryGroups=input and DeviceAllow=/dev/uinput rw"
+        )
     try:
         return evdev.UInput({EV_KEY: sorted(layout.codes)}, name=DEVICE_NAME, devnode=path)
     except (OSError, evdev.UInputError) as exc:
-        raise TypingError(f"output.type = true: cannot create a keyboard on {path} ({exc}); "
-                          "under systemd the unit needs DeviceAllow=/dev/uinput rw") from None
+        raise TypingError(
+            f"output.type = true: cannot create a keyboard on {path} ({exc}); "
+            "under systemd the unit needs DeviceAllow=/dev/uinput rw"
+        ) from None
 
 
 def _import_evdev():
     try:
         import evdev
     except ImportError as exc:
-        raise TypingError("output.type = true needs python-evdev: pip install 'pttd[type]', or "
-                          f"'evdev>=1.6' into pttd's venv ({exc})") from None
+        raise TypingError(
+            "output.type = true needs python-evdev: pip install 'pttd[type]', or "
+            f"'evdev>=1.6' into pttd's venv ({exc})"
+        ) from None
     return evdev

@@ -5,6 +5,7 @@ Reading is lenient (unknown types and fields are tolerated, durations may be int
 sending is conservative (only documented messages, ``speech_model`` always explicit).
 See ../shared/research/assemblyai-v3.md for the sources behind each rule.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "2025-05-12"
 USER_AGENT = "AssemblyAI/1.0 (integration=pttd)"
-U3_MODELS = frozenset({"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro",
-                       "universal-3-6-pro"})
+U3_MODELS = frozenset(
+    {"u3-rt-pro", "u3-rt-pro-beta-1", "u3-pro", "universal-3-5-pro", "universal-3-6-pro"}
+)
 MIN_FRAME_MS = 50
 MAX_FRAME_MS = 1000
 
@@ -30,6 +32,7 @@ class ProtocolError(ValueError):
 
 
 # --- server -> client messages -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SessionConfiguration:
@@ -127,8 +130,18 @@ class UnknownMessage:
     raw: dict
 
 
-ServerMessage = Union[Begin, Turn, SpeechStarted, Termination, ErrorMessage, WarningMessage,
-                      Heartbeat, SpeakerRevision, LLMGatewayResponse, UnknownMessage]
+ServerMessage = Union[
+    Begin,
+    Turn,
+    SpeechStarted,
+    Termination,
+    ErrorMessage,
+    WarningMessage,
+    Heartbeat,
+    SpeakerRevision,
+    LLMGatewayResponse,
+    UnknownMessage,
+]
 
 
 def parse_message(text: str | bytes) -> ServerMessage:
@@ -161,8 +174,8 @@ def parse_message(text: str | bytes) -> ServerMessage:
 
 
 # Bounds for numbers read from the server: a count or a time in ms beyond these is nonsense.
-_MAX_COUNT = 2 ** 53
-_MAX_MS = 2 ** 40
+_MAX_COUNT = 2**53
+_MAX_MS = 2**40
 
 
 def _count(v: Any, name: str) -> int:
@@ -191,19 +204,30 @@ def _parse_begin(o: dict) -> Begin:
     if isinstance(conf, dict):
         known = {"model", "mode", "api_version"}
         configuration = SessionConfiguration(
-            model=conf.get("model"), mode=conf.get("mode"), api_version=conf.get("api_version"),
-            extra={k: v for k, v in conf.items() if k not in known})
+            model=conf.get("model"),
+            mode=conf.get("mode"),
+            api_version=conf.get("api_version"),
+            extra={k: v for k, v in conf.items() if k not in known},
+        )
     if "id" not in o:
         raise ProtocolError("Begin without an id")
     expires = _num_or_none(o.get("expires_at"))
-    return Begin(id=_text(o["id"]), expires_at=expires if expires is None or
-                 math.isfinite(expires) else None, configuration=configuration)
+    return Begin(
+        id=_text(o["id"]),
+        expires_at=expires if expires is None or math.isfinite(expires) else None,
+        configuration=configuration,
+    )
 
 
 def _parse_word(w: dict) -> Word:
-    return Word(text=_text(w.get("text", "")), start=_ms(w.get("start", 0)), end=_ms(w.get("end", 0)),
-                confidence=_num_or_none(w.get("confidence")) or 0.0,
-                word_is_final=bool(w.get("word_is_final", True)), speaker=w.get("speaker"))
+    return Word(
+        text=_text(w.get("text", "")),
+        start=_ms(w.get("start", 0)),
+        end=_ms(w.get("end", 0)),
+        confidence=_num_or_none(w.get("confidence")) or 0.0,
+        word_is_final=bool(w.get("word_is_final", True)),
+        speaker=w.get("speaker"),
+    )
 
 
 def _parse_turn(o: dict) -> Turn:
@@ -216,8 +240,11 @@ def _parse_turn(o: dict) -> Turn:
         turn_is_formatted=bool(o.get("turn_is_formatted", False)),
         end_of_turn_confidence=_num_or_none(o.get("end_of_turn_confidence")) or 0.0,
         words=tuple(_parse_word(w) for w in _list(o.get("words")) if isinstance(w, dict)),
-        utterance=_text(o.get("utterance") or ""), language_code=o.get("language_code"),
-        language_confidence=o.get("language_confidence"), speaker_label=o.get("speaker_label"))
+        utterance=_text(o.get("utterance") or ""),
+        language_code=o.get("language_code"),
+        language_confidence=o.get("language_confidence"),
+        speaker_label=o.get("speaker_label"),
+    )
 
 
 def _list(v: Any) -> list:
@@ -225,8 +252,10 @@ def _list(v: Any) -> list:
 
 
 def _parse_termination(o: dict) -> Termination:
-    return Termination(audio_duration_seconds=_num_or_none(o.get("audio_duration_seconds")),
-                       session_duration_seconds=_num_or_none(o.get("session_duration_seconds")))
+    return Termination(
+        audio_duration_seconds=_num_or_none(o.get("audio_duration_seconds")),
+        session_duration_seconds=_num_or_none(o.get("session_duration_seconds")),
+    )
 
 
 def _num_or_none(v: Any) -> float | None:
@@ -251,23 +280,30 @@ def _int_or_none(v: Any) -> int | None:
 _PARSERS = {
     "Begin": _parse_begin,
     "Turn": _parse_turn,
-    "SpeechStarted": lambda o: SpeechStarted(timestamp=_ms(o.get("timestamp", 0)),
-                                             confidence=_num_or_none(o.get("confidence"))),
+    "SpeechStarted": lambda o: SpeechStarted(
+        timestamp=_ms(o.get("timestamp", 0)), confidence=_num_or_none(o.get("confidence"))
+    ),
     "Termination": _parse_termination,
-    "Error": lambda o: ErrorMessage(code=_int_or_none(o.get("error_code")),
-                                    message=_text(o.get("error", ""))),
-    "Warning": lambda o: WarningMessage(code=_int_or_none(o.get("warning_code")),
-                                        message=_text(o.get("warning", ""))),
+    "Error": lambda o: ErrorMessage(
+        code=_int_or_none(o.get("error_code")), message=_text(o.get("error", ""))
+    ),
+    "Warning": lambda o: WarningMessage(
+        code=_int_or_none(o.get("warning_code")), message=_text(o.get("warning", ""))
+    ),
     "Heartbeat": lambda o: Heartbeat(
         total_audio_received_ms=_int_or_none(o.get("total_audio_received_ms")),
         total_duration_ms=_int_or_none(o.get("total_duration_ms")),
         realtime_factor=_num_or_none(o.get("realtime_factor")),
-        max_speech_probability=_num_or_none(o.get("max_speech_probability"))),
+        max_speech_probability=_num_or_none(o.get("max_speech_probability")),
+    ),
     "SpeakerRevision": lambda o: SpeakerRevision(
-        revisions=tuple(r for r in _list(o.get("revisions")) if isinstance(r, dict))),
+        revisions=tuple(r for r in _list(o.get("revisions")) if isinstance(r, dict))
+    ),
     "LLMGatewayResponse": lambda o: LLMGatewayResponse(
-        turn_order=_int_or_none(o.get("turn_order")), transcript=_text(o.get("transcript", "")),
-        data=o.get("data")),
+        turn_order=_int_or_none(o.get("turn_order")),
+        transcript=_text(o.get("transcript", "")),
+        data=o.get("data"),
+    ),
 }
 
 
@@ -286,16 +322,24 @@ def update_configuration(**fields: Any) -> str:
     return json.dumps({"type": "UpdateConfiguration", **body})
 
 
-def build_url(base: str, speech_model: str, sample_rate: int, format_turns: bool | None = None,
-              params: dict | None = None) -> str:
+def build_url(
+    base: str,
+    speech_model: str,
+    sample_rate: int,
+    format_turns: bool | None = None,
+    params: dict | None = None,
+) -> str:
     """The connect URL: lists/objects as JSON, booleans lowercase, unset (None) omitted.
 
     ``speech_model`` is always sent because the server's default changed four times in 2026.
     """
     if not speech_model:
         raise ValueError("speech_model must be set")
-    query: dict[str, Any] = {"speech_model": speech_model, "sample_rate": sample_rate,
-                             "encoding": "pcm_s16le"}
+    query: dict[str, Any] = {
+        "speech_model": speech_model,
+        "sample_rate": sample_rate,
+        "encoding": "pcm_s16le",
+    }
     if format_turns is not None:
         query["format_turns"] = format_turns
     query.update(params or {})
@@ -330,16 +374,17 @@ def is_u3(speech_model: str) -> bool:
 
 # --- close-code policy ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ClosePolicy:
     """What a session end means for the daemon: retry or not, how long to wait, what to say."""
 
-    kind: str               # normal | auth | rate_limited | expired | client_bug | server | transport | idle | config
+    kind: str  # normal | auth | rate_limited | expired | client_bug | server | transport | idle | config
     retry: bool
-    backoff_s: float        # first delay before a new session
+    backoff_s: float  # first delay before a new session
     max_backoff_s: float
-    message: str            # what the user is told (never contains the key)
-    bug: bool = False       # pttd sent something it must not: log the evidence
+    message: str  # what the user is told (never contains the key)
+    bug: bool = False  # pttd sent something it must not: log the evidence
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Jittered exponential backoff for retry number ``attempt`` (0-based)."""
@@ -350,34 +395,61 @@ class ClosePolicy:
 
 
 _NORMAL = ClosePolicy("normal", False, 0.0, 0.0, "session ended normally")
-_AUTH = ClosePolicy("auth", False, 0.0, 0.0,
-                    "AssemblyAI refused the API key or account (1008): check /etc/pttd/api-key "
-                    "and the account balance; pttd will not retry until the config changes or "
-                    "the button is pressed again")
-_RATE = ClosePolicy("rate_limited", True, 5.0, 60.0,
-                    "too many new sessions per minute for this account; retrying with backoff")
-_EXPIRED = ClosePolicy("expired", True, 0.0, 0.0,
-                       "session reached its maximum duration; opening a new one")
-_BAD_MESSAGE = ClosePolicy("client_bug", False, 0.0, 0.0,
-                           "the server rejected a message from pttd (3006): this is a pttd bug, "
-                           "please report it with the journal lines around it", bug=True)
-_BAD_AUDIO = ClosePolicy("client_bug", True, 1.0, 30.0,
-                         "the server rejected pttd's audio frames or pacing (3007): this is a "
-                         "pttd bug, please report it", bug=True)
+_AUTH = ClosePolicy(
+    "auth",
+    False,
+    0.0,
+    0.0,
+    "AssemblyAI refused the API key or account (1008): check /etc/pttd/api-key "
+    "and the account balance; pttd will not retry until the config changes or "
+    "the button is pressed again",
+)
+_RATE = ClosePolicy(
+    "rate_limited",
+    True,
+    5.0,
+    60.0,
+    "too many new sessions per minute for this account; retrying with backoff",
+)
+_EXPIRED = ClosePolicy(
+    "expired", True, 0.0, 0.0, "session reached its maximum duration; opening a new one"
+)
+_BAD_MESSAGE = ClosePolicy(
+    "client_bug",
+    False,
+    0.0,
+    0.0,
+    "the server rejected a message from pttd (3006): this is a pttd bug, "
+    "please report it with the journal lines around it",
+    bug=True,
+)
+_BAD_AUDIO = ClosePolicy(
+    "client_bug",
+    True,
+    1.0,
+    30.0,
+    "the server rejected pttd's audio frames or pacing (3007): this is a "
+    "pttd bug, please report it",
+    bug=True,
+)
 _SERVER = ClosePolicy("server", True, 1.0, 30.0, "the server cancelled the session; retrying")
-_TRANSPORT = ClosePolicy("transport", True, 0.5, 5.0,
-                         "connection to the server lost; reconnecting")
+_TRANSPORT = ClosePolicy("transport", True, 0.5, 5.0, "connection to the server lost; reconnecting")
 _IDLE = ClosePolicy("idle", True, 0.0, 0.0, "session closed for inactivity")
 # not a close code: pttd could not even try (a URL websocket-client refuses, say); retrying
 # the same thing cannot help, and it is not the network being down
-CANNOT_OPEN = ClosePolicy("config", False, 0.0, 0.0,
-                          "pttd cannot open a session with this configuration (check stt.url)")
+CANNOT_OPEN = ClosePolicy(
+    "config", False, 0.0, 0.0, "pttd cannot open a session with this configuration (check stt.url)"
+)
 
 # 1008 on a key that has already opened a session in this process: the node SDK (#97) saw
 # sporadic ones ("Incorrect padding") that were gone on retry, so it gets one quick retry
-AUTH_RETRY_ONCE = ClosePolicy("auth_retry", True, 0.5, 2.0,
-                              "AssemblyAI refused a key that worked before (1008); "
-                              "retrying once")
+AUTH_RETRY_ONCE = ClosePolicy(
+    "auth_retry",
+    True,
+    0.5,
+    2.0,
+    "AssemblyAI refused a key that worked before (1008); retrying once",
+)
 
 
 def http_refusal_policy(status: int) -> ClosePolicy:
@@ -390,19 +462,25 @@ def http_refusal_policy(status: int) -> ClosePolicy:
     if status == 429:
         return _RATE
     if status >= 500:
-        return ClosePolicy("server", True, 1.0, 30.0,
-                           f"the server failed the upgrade (HTTP {status}); retrying")
+        return ClosePolicy(
+            "server", True, 1.0, 30.0, f"the server failed the upgrade (HTTP {status}); retrying"
+        )
     cause = {
         400: "the server refused a query parameter: check stt.speech_model, "
-             "audio.sample_rate and stt.params",
+        "audio.sample_rate and stt.params",
         404: "no v3 streaming endpoint at this path: check stt.url (it ends in /v3/ws)",
         405: "the server refused the request method: check stt.url",
         410: "this endpoint is gone: check stt.url",
         426: "the server wants another protocol: check stt.url (wss://)",
     }.get(status, "the server refused the request: check stt.url and stt.params")
-    return ClosePolicy("config", False, 0.0, 0.0,
-                       f"HTTP {status} at the upgrade: {cause}; pttd will not retry until "
-                       "the button is pressed again")
+    return ClosePolicy(
+        "config",
+        False,
+        0.0,
+        0.0,
+        f"HTTP {status} at the upgrade: {cause}; pttd will not retry until "
+        "the button is pressed again",
+    )
 
 
 # code -> policy; reason texts refine 3005 and 1008 (their meaning moved on 2026-02-25).
@@ -420,11 +498,18 @@ CLOSE_POLICIES: dict[int | None, ClosePolicy] = {
     3008: _EXPIRED,
     3009: _RATE,
     # legacy v2 codes, still listed by the SDK
-    4001: _AUTH, 4002: _AUTH, 4003: _AUTH,
-    4008: _EXPIRED, 4029: _BAD_AUDIO, 4031: _IDLE,
-    4032: _BAD_AUDIO, 4033: _BAD_AUDIO, 4100: _BAD_MESSAGE, 4101: _BAD_MESSAGE,
+    4001: _AUTH,
+    4002: _AUTH,
+    4003: _AUTH,
+    4008: _EXPIRED,
+    4029: _BAD_AUDIO,
+    4031: _IDLE,
+    4032: _BAD_AUDIO,
+    4033: _BAD_AUDIO,
+    4100: _BAD_MESSAGE,
+    4101: _BAD_MESSAGE,
     4102: _RATE,
-    None: _TRANSPORT,       # no close frame at all
+    None: _TRANSPORT,  # no close frame at all
 }
 
 
@@ -448,6 +533,7 @@ def policy_for(code: int | None, reason: str = "") -> ClosePolicy:
 
 
 # --- turn assembly -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FinalTurn:

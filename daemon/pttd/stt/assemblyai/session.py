@@ -12,6 +12,7 @@ thread, so the owner never waits on the network.
 
 Every session ends with exactly one :class:`SessionClosed`, after any final it still held.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,13 +23,13 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import websocket
 
-from pttd.stt.assemblyai import protocol
 from pttd.config import Secret
+from pttd.stt.assemblyai import protocol
 from pttd.stt.assemblyai.protocol import ClosePolicy, FinalTurn, Termination, Turn, TurnAssembler
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _OP_BINARY = websocket.ABNF.OPCODE_BINARY
 class ConnectError(Exception):
     """The session could not be opened (upgrade refused, closed before Begin, no Begin)."""
 
-    def __init__(self, closed: "SessionClosed"):
+    def __init__(self, closed: SessionClosed):
         super().__init__(closed.describe())
         self.closed = closed
 
@@ -49,12 +50,12 @@ class ConnectError(Exception):
 class SessionClosed:
     """The one report of a session's end."""
 
-    code: int | None            # close or error code; None when the link just died
-    reason: str                 # server's text (Error frame preferred over the close reason)
+    code: int | None  # close or error code; None when the link just died
+    reason: str  # server's text (Error frame preferred over the close reason)
     policy: ClosePolicy
-    before_begin: bool          # a connect failure rather than a mid-session end
-    terminated: bool = False    # a Termination was received (clean end)
-    local: bool = False         # pttd closed it
+    before_begin: bool  # a connect failure rather than a mid-session end
+    terminated: bool = False  # a Termination was received (clean end)
+    local: bool = False  # pttd closed it
 
     def describe(self) -> str:
         code = "no close code" if self.code is None else f"code {self.code}"
@@ -92,14 +93,23 @@ class Session:
     key's fingerprint).
     """
 
-    def __init__(self, url: Union[str, Callable[[], str]], api_key: Secret, *,
-                 on_event: Callable[["Session", object], None],
-                 sample_rate: int = 16000, format_turns: bool = True,
-                 connect_timeout: float = 10.0, begin_timeout: float = 10.0,
-                 send_timeout: float = 10.0,
-                 format_grace_s: float = 1.5, error_close_grace_s: float = 2.0,
-                 on_sent: Callable[[int, int], None] | None = None, name: str = "session",
-                 credential_id: str | None = None):
+    def __init__(
+        self,
+        url: str | Callable[[], str],
+        api_key: Secret,
+        *,
+        on_event: Callable[[Session, object], None],
+        sample_rate: int = 16000,
+        format_turns: bool = True,
+        connect_timeout: float = 10.0,
+        begin_timeout: float = 10.0,
+        send_timeout: float = 10.0,
+        format_grace_s: float = 1.5,
+        error_close_grace_s: float = 2.0,
+        on_sent: Callable[[int, int], None] | None = None,
+        name: str = "session",
+        credential_id: str | None = None,
+    ):
         self._url_source = url
         self.url = url if isinstance(url, str) else "(a temporary-token URL)"
         self._secrets: list[str] = []
@@ -125,7 +135,9 @@ class Session:
         self._report_lock = threading.Lock()
         self._error: protocol.ErrorMessage | None = None
         self._error_deadline: float | None = None
-        self._receiver = threading.Thread(target=self._receive_main, name=f"{name}-recv", daemon=True)
+        self._receiver = threading.Thread(
+            target=self._receive_main, name=f"{name}-recv", daemon=True
+        )
         self._sender = threading.Thread(target=self._send_main, name=f"{name}-send", daemon=True)
         self.begin: protocol.Begin | None = None
         self.audio_bytes_sent = 0
@@ -168,8 +180,10 @@ class Session:
                 break
         if self.begin is not None and self._begun.is_set():
             return self.begin
-        raise ConnectError(self._closed or SessionClosed(None, "no Begin", protocol.policy_for(None),
-                                                         before_begin=True))
+        raise ConnectError(
+            self._closed
+            or SessionClosed(None, "no Begin", protocol.policy_for(None), before_begin=True)
+        )
 
     def send_frames_now(self, frames: Sequence[bytes], force_endpoint: bool = False) -> bool:
         """Send audio frames, each its own WebSocket frame, then optionally ForceEndpoint, on the
@@ -254,8 +268,10 @@ class Session:
     def _check_frame(self, pcm: bytes) -> None:
         ms = protocol.frame_ms(len(pcm), self.sample_rate)
         if len(pcm) % 2 or not protocol.MIN_FRAME_MS <= ms <= protocol.MAX_FRAME_MS:
-            raise ValueError(f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
-                             f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le")
+            raise ValueError(
+                f"audio frame of {ms:.1f} ms ({len(pcm)} bytes): the server accepts "
+                f"{protocol.MIN_FRAME_MS}-{protocol.MAX_FRAME_MS} ms of pcm_s16le"
+            )
 
     def _write_frames(self, frames: Sequence[bytes], force_endpoint: bool) -> None:
         """Audio (and ForceEndpoint) in one write, under websocket-client's own send lock, which
@@ -315,8 +331,9 @@ class Session:
         try:
             self._ws = self._open()
         except _Refused as refused:
-            self._report_closed(refused.code, refused.reason, before_begin=True,
-                                policy=refused.policy)
+            self._report_closed(
+                refused.code, refused.reason, before_begin=True, policy=refused.policy
+            )
             return
         try:
             self._read_loop()
@@ -328,13 +345,20 @@ class Session:
             if link:
                 log.info("%s: connection lost: %s", self.name, self._scrub(str(exc)))
             else:
-                log.error("%s: receiver failed: %s", self.name, self._scrub(repr(exc)),
-                          exc_info=True)
+                log.error(
+                    "%s: receiver failed: %s", self.name, self._scrub(repr(exc)), exc_info=True
+                )
             err = self._error
-            reason = ("connection lost" if link
-                      else self._scrub(f"receive failed: {type(exc).__name__}: {exc}"))
-            self._report_closed(err.code if err else None, err.message if err else reason,
-                                before_begin=not self._begun.is_set())
+            reason = (
+                "connection lost"
+                if link
+                else self._scrub(f"receive failed: {type(exc).__name__}: {exc}")
+            )
+            self._report_closed(
+                err.code if err else None,
+                err.message if err else reason,
+                before_begin=not self._begun.is_set(),
+            )
         finally:
             self._stopping.set()
             with self._out_cond:
@@ -349,8 +373,11 @@ class Session:
         except UrlError as exc:
             raise _Refused(exc.code, self._scrub(exc.reason), policy=exc.policy) from None
         except Exception as exc:  # noqa: BLE001 - a provider bug is one refused session
-            raise _Refused(None, self._scrub(f"cannot get a URL: {type(exc).__name__}: {exc}"),
-                           policy=protocol.CANNOT_OPEN) from None
+            raise _Refused(
+                None,
+                self._scrub(f"cannot get a URL: {type(exc).__name__}: {exc}"),
+                policy=protocol.CANNOT_OPEN,
+            ) from None
         for name, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query):
             if name == "token" and value:
                 self._secrets.append(value)
@@ -358,27 +385,37 @@ class Session:
 
     def _open(self) -> websocket.WebSocket:
         url = self._resolve_url()
-        headers = [f"AssemblyAI-Version: {protocol.API_VERSION}",
-                   f"User-Agent: {protocol.USER_AGENT}"]
+        headers = [
+            f"AssemblyAI-Version: {protocol.API_VERSION}",
+            f"User-Agent: {protocol.USER_AGENT}",
+        ]
         if self._key.reveal():  # fleet mode has no key: the token is in the URL
             headers.insert(0, f"Authorization: {self._key.reveal()}")
         try:
             ws = websocket.create_connection(
-                url, header=headers, timeout=self._connect_timeout, enable_multithread=True,
+                url,
+                header=headers,
+                timeout=self._connect_timeout,
+                enable_multithread=True,
                 sslopt={"cert_reqs": ssl.CERT_REQUIRED},
                 # websocket-client checks UTF-8 in pure Python (~0.2 ms per 1 KB Turn here, on
                 # the Turn -> final path); parse_message decodes strictly in C instead
-                skip_utf8_validation=True)
+                skip_utf8_validation=True,
+            )
         except websocket.WebSocketBadStatusException as exc:
             status = exc.status_code
             code = _http_code(status)
-            raise _Refused(status if code is None else code, f"HTTP {status} at upgrade",
-                           policy=protocol.http_refusal_policy(status)) from None
+            raise _Refused(
+                status if code is None else code,
+                f"HTTP {status} at upgrade",
+                policy=protocol.http_refusal_policy(status),
+            ) from None
         except (OSError, websocket.WebSocketException) as exc:  # refused, unreachable, TLS
             raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}")) from None
         except Exception as exc:  # noqa: BLE001 - a URL or option websocket-client cannot use
-            raise _Refused(None, self._scrub(f"{type(exc).__name__}: {exc}"),
-                           policy=protocol.CANNOT_OPEN) from None
+            raise _Refused(
+                None, self._scrub(f"{type(exc).__name__}: {exc}"), policy=protocol.CANNOT_OPEN
+            ) from None
         ws.settimeout(self._send_timeout)
         return ws
 
@@ -387,16 +424,18 @@ class Session:
         while not self._stopping.is_set():
             now = time.monotonic()
             if not self._begun.is_set() and now >= begin_deadline:
-                self._report_closed(None, f"no Begin within {self._begin_timeout:g} s",
-                                    before_begin=True)
+                self._report_closed(
+                    None, f"no Begin within {self._begin_timeout:g} s", before_begin=True
+                )
                 return
             if self._terminate_deadline is not None and now >= self._terminate_deadline:
                 log.info("%s: no Termination after Terminate; closing", self.name)
                 self._report_closed(None, "no Termination after Terminate", local=True)
                 return
             if self._error_deadline is not None and now >= self._error_deadline:
-                self._report_closed(self._error.code, self._error.message,
-                                    before_begin=not self._begun.is_set())
+                self._report_closed(
+                    self._error.code, self._error.message, before_begin=not self._begun.is_set()
+                )
                 return
             self._emit_finals(self._assembler.expire(now))
             if not self._readable(self._next_wakeup(begin_deadline) - now):
@@ -412,8 +451,12 @@ class Session:
                 self._on_text(frame.data)
 
     def _next_wakeup(self, begin_deadline: float) -> float:
-        times = [time.monotonic() + 1.0, self._assembler.deadline(), self._error_deadline,
-                 self._terminate_deadline]
+        times = [
+            time.monotonic() + 1.0,
+            self._assembler.deadline(),
+            self._error_deadline,
+            self._terminate_deadline,
+        ]
         if not self._begun.is_set():
             times.append(begin_deadline)
         return min(t for t in times if t is not None)
@@ -489,8 +532,15 @@ class Session:
         for final in finals:
             self._emit(final)
 
-    def _report_closed(self, code: int | None, reason: str, *, before_begin: bool = False,
-                       local: bool = False, policy: ClosePolicy | None = None) -> None:
+    def _report_closed(
+        self,
+        code: int | None,
+        reason: str,
+        *,
+        before_begin: bool = False,
+        local: bool = False,
+        policy: ClosePolicy | None = None,
+    ) -> None:
         with self._report_lock:
             if self._closed is not None:
                 return
@@ -500,16 +550,18 @@ class Session:
                 # the caller knows better than the code (an HTTP refusal, a token broker's
                 # answer): a 401/403 at the upgrade is definite, not a sporadic 1008
                 pass
-            elif local:
-                policy = protocol.policy_for(1000)
-            elif code == 1000 or (code is None and self._last_termination is not None):
+            elif local or code == 1000 or (code is None and self._last_termination is not None):
                 policy = protocol.policy_for(1000)
             else:
                 policy = self._auth_retry(code, protocol.policy_for(code, reason))
-            self._closed = SessionClosed(code=code, reason=self._scrub(reason), policy=policy,
-                                         before_begin=before_begin,
-                                         terminated=self._last_termination is not None,
-                                         local=local)
+            self._closed = SessionClosed(
+                code=code,
+                reason=self._scrub(reason),
+                policy=policy,
+                before_begin=before_begin,
+                terminated=self._last_termination is not None,
+                local=local,
+            )
         self._stopping.set()
         self._closed_event.set()
         if policy.bug:
@@ -522,6 +574,7 @@ class Session:
         if sock is not None:
             try:
                 import socket as _socket
+
                 sock.shutdown(_socket.SHUT_RDWR)
             except OSError:
                 pass

@@ -18,6 +18,7 @@ Two halves (issue 24, part 2; research §1.3):
 
 Standard library only: ``urllib.request`` (default SSL context) and ``http.server``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,8 +36,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pttd import __version__
 from pttd.config import Config, ConfigError, Secret, read_text_file
@@ -49,24 +50,39 @@ USER_AGENT = f"pttd/{__version__} (token client)"
 FETCH_TIMEOUT_S = 10.0
 MAX_BODY = 64 * 1024
 MIN_SECRET_LEN = 16
-EXPIRES_RANGE = (1, 600)              # streaming-token.yml
+EXPIRES_RANGE = (1, 600)  # streaming-token.yml
 MAX_SESSION_RANGE = (60, 10800)
 
-_BROKER_AUTH = ClosePolicy("auth", False, 0.0, 0.0,
-                           "the token broker refused this device's secret: check "
-                           "stt.token_auth_file against the broker's devices file; pttd will "
-                           "not retry until the button is pressed again")
-_BROKER_RATE = ClosePolicy("rate_limited", True, 5.0, 60.0,
-                           "the token broker says too many tokens for this device; retrying "
-                           "with backoff")
-_BROKER_DOWN = ClosePolicy("transport", True, 0.5, 5.0,
-                           "cannot reach the token broker; reconnecting")
+_BROKER_AUTH = ClosePolicy(
+    "auth",
+    False,
+    0.0,
+    0.0,
+    "the token broker refused this device's secret: check "
+    "stt.token_auth_file against the broker's devices file; pttd will "
+    "not retry until the button is pressed again",
+)
+_BROKER_RATE = ClosePolicy(
+    "rate_limited",
+    True,
+    5.0,
+    60.0,
+    "the token broker says too many tokens for this device; retrying with backoff",
+)
+_BROKER_DOWN = ClosePolicy(
+    "transport", True, 0.5, 5.0, "cannot reach the token broker; reconnecting"
+)
 
 
 def _broker_config(status: int | None, what: str) -> ClosePolicy:
-    return ClosePolicy("config", False, 0.0, 0.0,
-                       f"the token broker at stt.token_url {what}; pttd will not retry until "
-                       "the button is pressed again")
+    return ClosePolicy(
+        "config",
+        False,
+        0.0,
+        0.0,
+        f"the token broker at stt.token_url {what}; pttd will not retry until "
+        "the button is pressed again",
+    )
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -89,27 +105,34 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
     context = context or ssl.create_default_context()  # verifies the certificate and host name
-    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                       _NoRedirect())
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect())
 
 
 # ================================================================================================
 # Device side
 # ================================================================================================
 
+
 @dataclass(frozen=True)
 class _Token:
     value: str
-    good_until: float   # monotonic: expiry less a margin
+    good_until: float  # monotonic: expiry less a margin
 
 
 class TokenSource:
     """Fetches one-use tokens from ``token_url``; thread-safe. ``connect_url(base)`` is called
     on a session's own thread (it may block up to the fetch timeout, never the controller)."""
 
-    def __init__(self, token_url: str, auth_file: str = "", *, timeout: float = FETCH_TIMEOUT_S,
-                 prefetch: bool = True, context: ssl.SSLContext | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        token_url: str,
+        auth_file: str = "",
+        *,
+        timeout: float = FETCH_TIMEOUT_S,
+        prefetch: bool = True,
+        context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.token_url = token_url
         self._auth_file = auth_file
         self._timeout = timeout
@@ -153,8 +176,9 @@ class TokenSource:
         with self._lock:
             if self._prefetching is not None and self._prefetching.is_alive():
                 return
-            self._prefetching = threading.Thread(target=self._prefetch_main,
-                                                 name="token-prefetch", daemon=True)
+            self._prefetching = threading.Thread(
+                target=self._prefetch_main, name="token-prefetch", daemon=True
+            )
             self._prefetching.start()
 
     def _prefetch_main(self) -> None:
@@ -172,9 +196,11 @@ class TokenSource:
         try:
             return read_text_file(self._auth_file, "stt.token_auth_file").strip()
         except FileNotFoundError:
-            raise UrlError(None, f"stt.token_auth_file {self._auth_file} not found",
-                           _broker_config(None, "cannot be asked: the device secret file is "
-                                                "missing")) from None
+            raise UrlError(
+                None,
+                f"stt.token_auth_file {self._auth_file} not found",
+                _broker_config(None, "cannot be asked: the device secret file is missing"),
+            ) from None
         except ConfigError as exc:
             raise UrlError(None, str(exc), _broker_config(None, "cannot be asked")) from None
 
@@ -194,8 +220,9 @@ class TokenSource:
             raise self._http_error(exc.code) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UrlError(None, f"token broker unreachable: {type(exc).__name__}: {reason}",
-                           _BROKER_DOWN) from None
+            raise UrlError(
+                None, f"token broker unreachable: {type(exc).__name__}: {reason}", _BROKER_DOWN
+            ) from None
         return self._parse(body, started)
 
     def _http_error(self, status: int) -> UrlError:
@@ -204,16 +231,24 @@ class TokenSource:
         if status == 429:
             return UrlError(status, "token broker: HTTP 429", _BROKER_RATE)
         if status >= 500:
-            return UrlError(status, f"token broker: HTTP {status}",
-                            ClosePolicy("server", True, 1.0, 30.0,
-                                        f"the token broker failed (HTTP {status}); retrying"))
+            return UrlError(
+                status,
+                f"token broker: HTTP {status}",
+                ClosePolicy(
+                    "server", True, 1.0, 30.0, f"the token broker failed (HTTP {status}); retrying"
+                ),
+            )
         if 300 <= status < 400:
-            return UrlError(status, f"token broker: HTTP {status} (redirect)",
-                            _broker_config(status, f"redirects (HTTP {status}): give its final "
-                                                   "https:// URL"))
-        return UrlError(status, f"token broker: HTTP {status}",
-                        _broker_config(status, f"refused the request (HTTP {status}): check "
-                                               "stt.token_url"))
+            return UrlError(
+                status,
+                f"token broker: HTTP {status} (redirect)",
+                _broker_config(status, f"redirects (HTTP {status}): give its final https:// URL"),
+            )
+        return UrlError(
+            status,
+            f"token broker: HTTP {status}",
+            _broker_config(status, f"refused the request (HTTP {status}): check stt.token_url"),
+        )
 
     def _parse(self, body: bytes, started: float) -> _Token:
         bad = _broker_config(None, "did not answer with a token: check stt.token_url")
@@ -225,9 +260,14 @@ class TokenSource:
             raise UrlError(None, "token broker: answer is not JSON", bad) from None
         token = obj.get("token") if isinstance(obj, dict) else None
         expires = obj.get("expires_in_seconds") if isinstance(obj, dict) else None
-        if (not isinstance(token, str) or not token or any(c.isspace() for c in token)
-                or isinstance(expires, bool) or not isinstance(expires, (int, float))
-                or not 0 < expires <= 86400):
+        if (
+            not isinstance(token, str)
+            or not token
+            or any(c.isspace() for c in token)
+            or isinstance(expires, bool)
+            or not isinstance(expires, (int, float))
+            or not 0 < expires <= 86400
+        ):
             raise UrlError(None, "token broker: answer has no usable token", bad)
         margin = min(5.0, expires / 4)
         return _Token(token, started + expires - margin)
@@ -236,6 +276,7 @@ class TokenSource:
 # ================================================================================================
 # Broker side
 # ================================================================================================
+
 
 def token_endpoint(stt_url: str) -> str:
     """AssemblyAI's token endpoint on the streaming host of ``[stt] url`` (research §1.1):
@@ -259,8 +300,10 @@ def read_devices(path: str) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"--devices {path}: {exc.strerror or exc}") from None
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"--devices {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others "
-                          f"read the device secrets; chmod 600 {path}")
+        raise ConfigError(
+            f"--devices {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others "
+            f"read the device secrets; chmod 600 {path}"
+        )
     try:
         text = read_text_file(path, "--devices")
     except FileNotFoundError:
@@ -275,13 +318,16 @@ def read_devices(path: str) -> dict[str, str]:
             raise ConfigError(f"--devices {path} line {number}: expected 'device_id secret'")
         device, secret = fields
         if len(secret) < MIN_SECRET_LEN:
-            raise ConfigError(f"--devices {path} line {number}: the secret of {device} is "
-                              f"shorter than {MIN_SECRET_LEN} characters")
+            raise ConfigError(
+                f"--devices {path} line {number}: the secret of {device} is "
+                f"shorter than {MIN_SECRET_LEN} characters"
+            )
         if device in devices.values():
             raise ConfigError(f"--devices {path} line {number}: device {device} listed twice")
         if secret in devices:
-            raise ConfigError(f"--devices {path} line {number}: {device} has the same secret "
-                              f"as {devices[secret]}")
+            raise ConfigError(
+                f"--devices {path} line {number}: {device} has the same secret as {devices[secret]}"
+            )
         devices[secret] = device
     if not devices:
         raise ConfigError(f"--devices {path}: no devices listed")
@@ -299,25 +345,41 @@ class _Refusal(Exception):
 class TokenBroker:
     """``GET /token`` → a fresh AssemblyAI temporary token for a known device."""
 
-    def __init__(self, api_key: Secret, upstream: str, devices: dict[str, str], *,
-                 host: str = "127.0.0.1", port: int = 0, expires_s: int = 300,
-                 max_session_s: int = 600, per_device_per_minute: int = 30,
-                 tls: tuple[str, str] | None = None, upstream_timeout: float = FETCH_TIMEOUT_S,
-                 upstream_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        api_key: Secret,
+        upstream: str,
+        devices: dict[str, str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        expires_s: int = 300,
+        max_session_s: int = 600,
+        per_device_per_minute: int = 30,
+        tls: tuple[str, str] | None = None,
+        upstream_timeout: float = FETCH_TIMEOUT_S,
+        upstream_context: ssl.SSLContext | None = None,
+    ):
         if not api_key:
-            raise ConfigError("serve-tokens needs the AssemblyAI API key (stt.api_key_file, "
-                              "$ASSEMBLYAI_API_KEY or the systemd credential)")
+            raise ConfigError(
+                "serve-tokens needs the AssemblyAI API key (stt.api_key_file, "
+                "$ASSEMBLYAI_API_KEY or the systemd credential)"
+            )
         if not EXPIRES_RANGE[0] <= expires_s <= EXPIRES_RANGE[1]:
-            raise ConfigError(f"--expires-s must be between {EXPIRES_RANGE[0]} and "
-                              f"{EXPIRES_RANGE[1]}")
+            raise ConfigError(
+                f"--expires-s must be between {EXPIRES_RANGE[0]} and {EXPIRES_RANGE[1]}"
+            )
         if not MAX_SESSION_RANGE[0] <= max_session_s <= MAX_SESSION_RANGE[1]:
-            raise ConfigError(f"--max-session-s must be between {MAX_SESSION_RANGE[0]} and "
-                              f"{MAX_SESSION_RANGE[1]}")
+            raise ConfigError(
+                f"--max-session-s must be between {MAX_SESSION_RANGE[0]} and {MAX_SESSION_RANGE[1]}"
+            )
         if per_device_per_minute < 1:
             raise ConfigError("--per-device-per-minute must be at least 1")
         if tls is None and not is_loopback_host(host):
-            raise ConfigError(f"--listen {host}: without --tls-cert/--tls-key the broker only "
-                              "listens on loopback (put a TLS reverse proxy in front)")
+            raise ConfigError(
+                f"--listen {host}: without --tls-cert/--tls-key the broker only "
+                "listens on loopback (put a TLS reverse proxy in front)"
+            )
         self._key = api_key
         self.upstream = upstream
         self._devices = dict(devices)
@@ -341,8 +403,9 @@ class TokenBroker:
                 self._httpd.server_close()
                 raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
             # the handshake runs in the request's own thread (not in accept())
-            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True,
-                                                     do_handshake_on_connect=False)
+            self._httpd.socket = context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
             self.scheme = "https"
         self._thread: threading.Thread | None = None
 
@@ -352,9 +415,10 @@ class TokenBroker:
         shown = f"[{host}]" if ":" in host else host
         return f"{self.scheme}://{shown}:{port}/token"
 
-    def start(self) -> "TokenBroker":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="token-broker",
-                                        daemon=True)
+    def start(self) -> TokenBroker:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="token-broker", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -365,7 +429,7 @@ class TokenBroker:
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> "TokenBroker":
+    def __enter__(self) -> TokenBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -392,19 +456,31 @@ class TokenBroker:
             while recent and now - recent[0] >= 60.0:
                 recent.popleft()
             if len(recent) >= self.per_minute:
-                raise _Refusal(429, "too many tokens for this device",
-                               retry_after=int(60 - (now - recent[0])) + 1)
+                raise _Refusal(
+                    429,
+                    "too many tokens for this device",
+                    retry_after=int(60 - (now - recent[0])) + 1,
+                )
             recent.append(now)
 
     def mint(self, authorization: str) -> dict:
         device = self.device_for(authorization)
         self._admit(device)
-        query = urllib.parse.urlencode({"expires_in_seconds": self.expires_s,
-                                        "max_session_duration_seconds": self.max_session_s})
+        query = urllib.parse.urlencode(
+            {
+                "expires_in_seconds": self.expires_s,
+                "max_session_duration_seconds": self.max_session_s,
+            }
+        )
         request = urllib.request.Request(
-            f"{self.upstream}?{query}", method="GET",
-            headers={"Authorization": self._key.reveal(), "Accept": "application/json",
-                     "User-Agent": USER_AGENT})
+            f"{self.upstream}?{query}",
+            method="GET",
+            headers={
+                "Authorization": self._key.reveal(),
+                "Accept": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+        )
         try:
             with self._opener.open(request, timeout=self._timeout) as response:
                 body = response.read(MAX_BODY + 1)
@@ -417,8 +493,9 @@ class TokenBroker:
                 log.error("AssemblyAI refused the broker's API key (HTTP %d)", exc.code)
             raise _Refusal(502, f"AssemblyAI answered HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            log.warning("token for device %s: AssemblyAI unreachable: %s", device,
-                        type(exc).__name__)
+            log.warning(
+                "token for device %s: AssemblyAI unreachable: %s", device, type(exc).__name__
+            )
             raise _Refusal(504, "AssemblyAI unreachable") from None
         try:
             obj = json.loads(body[:MAX_BODY].decode("utf-8"))
@@ -429,8 +506,12 @@ class TokenBroker:
             log.warning("token for device %s: AssemblyAI's answer has no token", device)
             raise _Refusal(502, "AssemblyAI's answer has no token") from None
         self.minted[device] += 1
-        log.info("minted a token for device %s (valid %d s, sessions capped at %d s)",
-                 device, expires, self.max_session_s)
+        log.info(
+            "minted a token for device %s (valid %d s, sessions capped at %d s)",
+            device,
+            expires,
+            self.max_session_s,
+        )
         return {"token": token, "expires_in_seconds": expires}
 
 
@@ -480,6 +561,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 # pttd serve-tokens
 # ================================================================================================
 
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
@@ -488,24 +570,44 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def serve(cfg: Config, listen: str, devices_file: str, *, max_session_s: int, expires_s: int,
-          per_device_per_minute: int, tls_cert: str | None, tls_key: str | None) -> int:
+def serve(
+    cfg: Config,
+    listen: str,
+    devices_file: str,
+    *,
+    max_session_s: int,
+    expires_s: int,
+    per_device_per_minute: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> int:
     """Run the broker until SIGTERM or SIGINT."""
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if cfg.is_local:
         raise ConfigError('stt.url = "local": serve-tokens needs the cloud URL')
     host, port = parse_listen(listen)
-    broker = TokenBroker(cfg.stt.api_key, token_endpoint(cfg.stt.url), read_devices(devices_file),
-                         host=host, port=port, expires_s=expires_s, max_session_s=max_session_s,
-                         per_device_per_minute=per_device_per_minute,
-                         tls=(tls_cert, tls_key) if tls_cert else None)
+    broker = TokenBroker(
+        cfg.stt.api_key,
+        token_endpoint(cfg.stt.url),
+        read_devices(devices_file),
+        host=host,
+        port=port,
+        expires_s=expires_s,
+        max_session_s=max_session_s,
+        per_device_per_minute=per_device_per_minute,
+        tls=(tls_cert, tls_key) if tls_cert else None,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     broker.start()
-    log.info("serving tokens on %s for %d devices (AssemblyAI endpoint %s)", broker.url,
-             len(broker._devices), broker.upstream)
+    log.info(
+        "serving tokens on %s for %d devices (AssemblyAI endpoint %s)",
+        broker.url,
+        len(broker._devices),
+        broker.upstream,
+    )
     try:
         while not stop.wait(3600):
             pass
