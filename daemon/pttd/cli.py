@@ -12,16 +12,14 @@ import os
 import sys
 
 from pttd import __version__
-from pttd.config import ConfigError, config_path, load_config
+from pttd.config import config_path, load_config
+from pttd.errors import UsageError, UserError
+from pttd.events import Command
 
 log = logging.getLogger("pttd")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
-CONTROL_COMMANDS = ("press", "release", "toggle", "cancel", "status")
-
-
-class UsageError(Exception):
-    """Exit 2 with this message."""
+CONTROL_COMMANDS = tuple(c.value for c in Command if c is not Command.SUBSCRIBE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, UsageError) as exc:
+    except UserError as exc:  # config, usage, start-up: the one place they become exit 2
         print(f"pttd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -133,17 +131,13 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from pttd.app.daemon import StartupError, run
+    from pttd.app.daemon import run
 
     # The daemon's threads mostly sleep; a waking one waits for the GIL at most this long when
     # another runs Python (5 ms by default: ~5 ms added to wake-ups next to a busy thread, such
     # as the in-process offline engine; ~1.3 ms at 1 ms). No CPU cost measured (bench/RESULTS.md).
     sys.setswitchinterval(0.001)
-    cfg = _load(args)
-    try:
-        return run(cfg)
-    except StartupError as exc:
-        raise UsageError(str(exc)) from None
+    return run(_load(args))
 
 
 def cmd_control(args) -> int:
@@ -186,15 +180,11 @@ def _socket_path(args) -> str:
 
 
 def cmd_demo(args) -> int:
-    from pttd.app.daemon import StartupError
     from pttd.app.demo import run_demo
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the demo's own lines tell the story
-    try:
-        return run_demo(jsonl=args.jsonl)
-    except StartupError as exc:  # e.g. installed without the [local] extra
-        raise UsageError(str(exc)) from None
+    return run_demo(jsonl=args.jsonl)  # (a StartupError, e.g. no [local] extra: exit 2)
 
 
 def cmd_check(args) -> int:
@@ -212,13 +202,10 @@ def cmd_record(args) -> int:
 
 
 def cmd_serve_local(args) -> int:
-    from pttd.app.daemon import StartupError, require_pocketsphinx
-
-    try:
-        require_pocketsphinx("pttd serve-local")
-    except StartupError as exc:
-        raise UsageError(str(exc)) from None
+    from pttd.app.daemon import require_pocketsphinx
     from pttd.local.engine import serve
+
+    require_pocketsphinx("pttd serve-local")
 
     return serve(args.host, args.port)
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pttd.errors import ConfigError
+
+__all__ = ["ConfigError", "Config", "Secret", "load_config", "from_dict"]
+
 DEFAULT_PATH = "/etc/pttd/pttd.toml"
 CLOUD_URL = "wss://streaming.assemblyai.com/v3/ws"
 CREDENTIAL_NAME = "assemblyai-api-key"
 DEFAULT_KEY_FILE = "/etc/pttd/api-key"  # what the shipped unit loads as that credential
-
-
-class ConfigError(ValueError):
-    """A problem the user must fix in the configuration (the CLI exits 2)."""
 
 
 class Secret:

@@ -10,7 +10,33 @@ import enum
 import time
 
 
-class State(str, enum.Enum):
+class Command(enum.StrEnum):
+    """What the control socket, the kiosk, MQTT and the CLI may ask (the contract's spelling)."""
+
+    PRESS = "press"
+    RELEASE = "release"
+    TOGGLE = "toggle"
+    CANCEL = "cancel"
+    STATUS = "status"
+    SUBSCRIBE = "subscribe"
+
+
+#: the commands that act on presses (the controller's); status and subscribe only read
+PRESS_COMMANDS = (Command.PRESS, Command.RELEASE, Command.TOGGLE, Command.CANCEL)
+
+
+class EventKind(enum.StrEnum):
+    """The ``"event"`` field of every event an output receives."""
+
+    STATE = "state"
+    PARTIAL = "partial"
+    FINAL = "final"
+    ERROR = "error"
+    WARNING = "warning"
+    SNAPSHOT = "snapshot"  # the kiosk's first message: the state as it is
+
+
+class State(enum.StrEnum):
     """The controller's lifecycle states; the value is the contract's spelling."""
 
     IDLE = "idle"
@@ -22,12 +48,12 @@ class State(str, enum.Enum):
 
 
 def state_event(state: State, ts: float | None = None) -> dict:
-    return {"event": "state", "state": State(state).value, "ts": _ts(ts)}
+    return {"event": EventKind.STATE.value, "state": State(state).value, "ts": _ts(ts)}
 
 
 def partial_event(text: str, turn_order: int, session_id: str, ts: float | None = None) -> dict:
     return {
-        "event": "partial",
+        "event": EventKind.PARTIAL.value,
         "text": text,
         "turn_order": turn_order,
         "session_id": session_id,
@@ -47,7 +73,7 @@ def final_event(
 ) -> dict:
     """A delivered final turn. ``extra`` carries compatible additions (e.g. ``late``, ``gap_ms``)."""
     event = {
-        "event": "final",
+        "event": EventKind.FINAL.value,
         "text": text,
         "turn_order": turn_order,
         "session_id": session_id,
@@ -69,7 +95,7 @@ def error_event(
 ) -> dict:
     """An error. ``press_id`` is given when the error ends that press (it then gets no final)."""
     event = {
-        "event": "error",
+        "event": EventKind.ERROR.value,
         "code": code,
         "message": message,
         "retry_in_s": None if retry_in_s is None else float(retry_in_s),
@@ -82,7 +108,7 @@ def error_event(
 
 def warning_event(code: int | None, message: str, ts: float | None = None) -> dict:
     """A server ``Warning`` (the session goes on): shown, published and logged, never acted on."""
-    return {"event": "warning", "code": code, "message": message, "ts": _ts(ts)}
+    return {"event": EventKind.WARNING.value, "code": code, "message": message, "ts": _ts(ts)}
 
 
 def _ts(ts: float | None) -> float:

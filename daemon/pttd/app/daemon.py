@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pttd.app.service import StopRequest
 from pttd.config import Config, require_api_key
 from pttd.core.controller import Command, Controller, Settings
+from pttd.errors import StartupError
 from pttd.events import State
 from pttd.stt.assemblyai import protocol
 from pttd.stt.assemblyai.session import Session
@@ -23,10 +24,6 @@ from pttd.stt.assemblyai.session import Session
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 10.0
-
-
-class StartupError(Exception):
-    """Something the user must fix before pttd can run (the CLI exits 2)."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 
 
-class PressPhase(str, enum.Enum):
+class PressPhase(enum.StrEnum):
     WAITING = "waiting"  # no session: queued behind the network / an earlier press, or backing off
     CONNECTING = "connecting"  # a session is opening (no audio sent yet)
     STREAMING = "streaming"  # held: audio flows
@@ -31,7 +31,7 @@ class PressPhase(str, enum.Enum):
     ENDED = "ended"
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     FINAL = "final"
     ERROR = "error"
     SILENT = "silent"  # no words: the server's answer was empty, or none came

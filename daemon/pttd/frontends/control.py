@@ -35,15 +35,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from pttd.events import Command
+
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 """Longest accepted request line in bytes (without the newline); longer lines close the client."""
 
-COMMANDS = ("press", "release", "toggle", "cancel", "status")
+COMMANDS = tuple(c.value for c in Command if c is not Command.SUBSCRIBE)
 """Commands passed to ``handle``; ``subscribe`` is handled by the server itself."""
 
-SUBSCRIBE = "subscribe"
+SUBSCRIBE = Command.SUBSCRIBE.value
 SOCKET_MODE = 0o660
 IDLE_TIMEOUT_S = 5.0
 """A connection that has not subscribed is closed this long after connecting or its last request."""
