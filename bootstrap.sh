@@ -2,14 +2,15 @@
 # Set up pttd on a fresh Debian 12/13 or Raspberry Pi OS Bookworm/Trixie machine, then run something.
 #   ./bootstrap.sh demo   apt packages + a venv in .venv, then `pttd demo` (offline, no hardware)
 #   ./bootstrap.sh test   the same plus test tools, then the whole test suite
+#   ./bootstrap.sh lint   the same, then ruff, ruff format --check, mypy and the size limits
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-demo}
 shift || true
 case "$what" in
-  demo|test) ;;
-  *) echo "usage: $0 demo|test [args]" >&2; exit 2 ;;
+  demo|test|lint) ;;
+  *) echo "usage: $0 demo|test|lint [args]" >&2; exit 2 ;;
 esac
 
 SUDO=""
@@ -30,7 +31,7 @@ APT_TEST="$APT_TEST chromium fonts-liberation"
 command -v npm >/dev/null 2>&1 || APT_TEST="$APT_TEST nodejs npm"
 
 need=()
-for pkg in $APT_RUNTIME $([ "$what" = test ] && echo "$APT_TEST"); do
+for pkg in $APT_RUNTIME $([ "$what" != demo ] && echo "$APT_TEST"); do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -63,10 +64,19 @@ case "$what" in
     .venv/bin/pttd demo "$@" || code=$?
     [ "$code" -eq 0 ] || fail "pttd demo exited $code (see above)"
     ;;
+  lint)
+    step "installing Python packages (pttd and the test tools) into .venv"
+    pip_install "pip itself" --upgrade pip
+    pip_install "pttd with its test extra (local, mqtt, type, lint and the test tools)" -e '.[test]'
+    step "ruff check, ruff format --check (ruff.toml), mypy (setup.cfg), size limits"
+    .venv/bin/ruff check -q && .venv/bin/ruff format --check -q && .venv/bin/mypy &&
+      .venv/bin/python scripts/check_sizes.py || fail "a style, type or size check failed (above)"
+    step "lint: all clean"
+    ;;
   test)
     step "installing Python packages (pttd and the test tools) into .venv: a minute on a PC, more on a Pi"
     pip_install "pip itself" --upgrade pip
-    pip_install "pttd with its test, local, mqtt and type extras" -e '.[test,local,mqtt,type]'
+    pip_install "pttd with its test extra (local, mqtt, type, lint and the test tools)" -e '.[test]'
     # playwright-core for the kiosk browser test (it downloads no browser); installed only when
     # the lock file changed since the last install, so re-runs stay quick and offline
     if [ ! -f tests/browser/node_modules/.package-lock.json ] ||

@@ -6,7 +6,7 @@
 #   sudo ./install.sh --with-local    # plus the offline engine (pocketsphinx)
 #
 # Idempotent: re-running it upgrades pttd from this checkout and never overwrites
-# /etc/pttd/pttd.toml or /etc/pttd/api-key. See docs/sections/install.md.
+# /etc/pttd/pttd.toml or /etc/pttd/api-key. See docs/install.md.
 set -euo pipefail
 umask 022   # the venv and the unit must be readable by the pttd user, whatever root's umask is
 

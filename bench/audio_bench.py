@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from alsa_fifo import FifoMic  # noqa: E402
-from pttd.audio.capture import AlsaSource, RingBuffer  # noqa: E402
+from pttd.audio.alsa import AlsaSource  # noqa: E402
+from pttd.audio.ring import RingBuffer  # noqa: E402
 from pttd.audio.convert import Converter  # noqa: E402
 
 

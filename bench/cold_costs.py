@@ -15,7 +15,7 @@ figures, never fails.
 * streamer pass: a real ``Streamer`` over a real ring with a session whose send does nothing:
   everything the streamer does per period except the socket.
 * frame two 50 ms frames: websocket-client's ``ABNF.create_frame(...).format()`` twice, the
-  masking websocket-client does in Python (``Session._write_frames`` does this each period).
+  masking websocket-client does in Python (``Link.write_frames`` does this each period).
 * the same, one XOR: what framing the two frames would cost if both were masked in one big-int
   XOR (RFC 6455 headers by ``struct``; a fresh ``os.urandom`` key per frame). pttd does not do
   this (its frames are websocket-client's); the row sizes that option for the issue's notes.

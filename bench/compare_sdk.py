@@ -230,6 +230,7 @@ def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: st
         from pttd.stt.assemblyai import protocol
         from pttd.config import Secret
         from pttd.stt.assemblyai.session import Session
+        from pttd.stt.base import FinalTurn
     t_imp_done = time.monotonic()
 
     n_frames = int(round(seconds / FRAME_S))
@@ -324,7 +325,7 @@ def child_pacer(kind: str, url: str, wav_path: str, seconds: float, out_path: st
             ws.close()
     else:
         def on_event(_s, event):
-            if isinstance(event, protocol.FinalTurn):
+            if isinstance(event, FinalTurn):
                 on_final(event.turn.turn_order)
 
         def on_sent(opcode, n):
@@ -385,8 +386,9 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     from pttd import cli
     from pttd.core import controller
     from pttd.outputs import fanout as outputs
+    from pttd.outputs.stdout import StdoutSink
     from pttd.audio import ring
-    from pttd.stt.assemblyai import session
+    from pttd.stt.assemblyai import link, session
     from pttd.core import streamer
 
     notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "press": [],
@@ -424,12 +426,12 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     websocket.WebSocket.send = send
 
-    write_frames = session.Session._write_frames
+    write_frames = link.Link.write_frames
 
     def timed_write_frames(self, frames, force_endpoint):
         # the streamer's path: a capture period's frames (and the turn's ForceEndpoint) in one
         # socket write; each frame is noted with the time that write returned
-        ws_id = id(self._ws)
+        ws_id = id(self.ws)
         write_frames(self, frames, force_endpoint)
         t = time.monotonic()
         for pcm in frames:
@@ -437,7 +439,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
         if force_endpoint:
             notes["sends"].append([t, ws_id, websocket.ABNF.OPCODE_TEXT, 0])
 
-    session.Session._write_frames = timed_write_frames
+    link.Link.write_frames = timed_write_frames
 
     on_text = session.Session._on_text
 
@@ -498,7 +500,9 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     controller.Controller._press, controller.Controller._release = on_press, on_release
 
-    on_final = controller.Controller._on_final
+    from pttd.core import finals
+
+    on_final = finals.Finals.on_final
 
     def timed_on_final(self, press, session_, final):
         # Turn -> final by stage: when the controller took the final, and when it was done with it
@@ -506,7 +510,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
         on_final(self, press, session_, final)
         notes["ctl"].append([t_in, time.monotonic(), session_.id, final.turn.turn_order])
 
-    controller.Controller._on_final = timed_on_final
+    finals.Finals.on_final = timed_on_final
 
     outputs_emit = outputs.Outputs.emit
 
@@ -520,7 +524,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
 
     outputs.Outputs.emit = timed_outputs_emit
 
-    emit = outputs.StdoutSink.emit
+    emit = StdoutSink.emit
 
     def sink_emit(self, event):
         t_in = time.monotonic()
@@ -532,7 +536,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
                                     event["session_id"], event["press_id"], event["audio_ms"],
                                     event["latency_ms"], t_in])
 
-    outputs.StdoutSink.emit = sink_emit
+    StdoutSink.emit = sink_emit
 
     if os.environ.get("PTTD_BENCH_SWITCHINTERVAL"):   # A/B knob; cmd_run may set its own after
         sys.setswitchinterval(float(os.environ["PTTD_BENCH_SWITCHINTERVAL"]))
@@ -653,7 +657,7 @@ def _run_pttd(server, wav, b_start_ms, seconds, presses, tmp, idle_s, spy, cprof
     import signal
     import socket
 
-    from pttd.frontends.control import request
+    from pttd.frontends.control.client import request
 
     tmp = Path(tempfile.mkdtemp(prefix="pttd-", dir=tmp))
 

@@ -31,8 +31,10 @@ from urllib.parse import urlencode
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from pttd.local.engine import LocalEngine, PocketsphinxFactory, normalize_phrase
-from pttd.local.server import ServerOptions, build_session_config
+from pttd.local.decoders import normalize_phrase
+from pttd.local.engine import LocalEngine, PocketsphinxFactory
+from pttd.local.options import ServerOptions
+from pttd.local.query import build_session_config
 
 DATA = resources.files("pttd") / "data"
 FRAME_BYTES = 1600          # 50 ms at 16 kHz, PCM16

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pttd.local.server import Faults  # noqa: E402
+from tests.fakes.faults import Faults  # noqa: E402
 from tests.daemon_proc import DaemonProcess, speech_wav, write_config  # noqa: E402
 from tests.fakes.fake_v3 import FakeV3Server  # noqa: E402
 

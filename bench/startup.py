@@ -129,7 +129,8 @@ IMPORT_ORDER = ["json", "ssl", "websocket", "numpy", "gpiozero", "gpiozero.pins.
                 "websockets.asyncio.server", "systemd.journal", "alsaaudio", "pttd.config",
                 "pttd.stt.assemblyai.protocol", "pttd.stt.assemblyai.session",
                 "pttd.core.controller", "pttd.app.daemon", "pttd.audio.capture",
-                "pttd.outputs.fanout", "pttd.frontends.control", "pttd.frontends.peripherals",
+                "pttd.outputs.fanout", "pttd.outputs.stdout", "pttd.outputs.journal",
+                "pttd.frontends.control.server", "pttd.frontends.peripherals",
                 "pttd.app.service", "pttd.frontends.kiosk", "pttd.frontends.mqtt",
                 "pttd.outputs.keyboard", "pttd.outputs.hook", "pttd.cli"]
 SDK_ORDER = ["json", "ssl", "websockets.sync.client", "pydantic", "httpx", "assemblyai",

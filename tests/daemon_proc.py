@@ -167,7 +167,8 @@ class DaemonProcess:
             self.stderr_lines.append(line)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        from pttd.frontends.control import ControlError, request
+        from pttd.frontends.control.client import request
+        from pttd.frontends.control.protocol import ControlError
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -183,7 +184,7 @@ class DaemonProcess:
         raise AssertionError("pttd did not become ready")
 
     def command(self, cmd: str) -> dict:
-        from pttd.frontends.control import request
+        from pttd.frontends.control.client import request
 
         return request(str(self.socket), cmd, timeout=5.0)
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from alsa_fifo import FifoMic, pcm16, sine_fit, wait_until
-from pttd.audio.capture import AlsaSource, RingBuffer, measure_levels, record
+from pttd.audio.alsa import AlsaSource
+from pttd.audio.levels import measure_levels
+from pttd.audio.record import record
+from pttd.audio.ring import RingBuffer
 
 FS32 = 2.0 ** 31
 RATE = 16000

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alsa_fifo import pcm16, sine, sine_fit
-from pttd.audio.capture import level_warnings
+from pttd.audio.levels import level_warnings
 from pttd.audio.convert import Converter, Resampler, design_filter_bank
 
 FS32 = 2.0 ** 31

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from alsa_fifo import pcm16, sine_fit
-from pttd.audio.capture import AudioError, RingBuffer, WavSource, measure_levels, record
+from pttd.audio.capture import WavSource
+from pttd.audio.convert import AudioError
+from pttd.audio.levels import measure_levels
+from pttd.audio.record import record
+from pttd.audio.ring import RingBuffer
 
 
 def write_wav(path, frames: np.ndarray, rate: int, width: int = 2):

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from pttd.frontends.control import (COMMANDS, MAX_LINE, ControlError, ControlServer, SocketInUseError,
-                          request, subscribe)
+from pttd.frontends.control.client import request, subscribe
+from pttd.frontends.control.protocol import COMMANDS, MAX_LINE, ControlError
+from pttd.frontends.control.server import ControlServer
+from pttd.frontends.control.socket_file import SocketInUseError
 
 IO_TIMEOUT = 3.0
 

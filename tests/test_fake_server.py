@@ -19,22 +19,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from pttd.local.server import (
-    AUTH_ERROR,
-    HypWord,
-    ServerThread,
-    INPUT_DURATION_ERROR_PREFIX,
-    LONG_REASON,
-    Faults,
-    Hypothesis,
-    QueryError,
-    SessionConfig,
-    SpeechOnset,
-    build_session_config,
-    parse_query,
-    ServerOptions,
-)
+from pttd.local.options import ServerOptions
+from pttd.local.query import QueryError, build_session_config, parse_query
+from pttd.local.recognizer import Hypothesis, HypWord, SessionConfig, SpeechOnset
+from pttd.local.server import ServerThread
+from pttd.local.wire import AUTH_ERROR, LONG_REASON
+from tests.fakes.fake_server import INPUT_DURATION_ERROR_PREFIX
 from tests.fakes.fake_v3 import FakeV3Server, ScriptCursor, ScriptedRecognizer
+from tests.fakes.faults import Faults
 from tests.fakes.schemas import (
     UnknownMessageType,
     validate_client_message,

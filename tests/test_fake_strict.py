@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-import pttd.local.server as v3server
-from pttd.local.server import AUTH_ERROR, Faults
+import pttd.local
+import tests.fakes
+from pttd.local.wire import AUTH_ERROR
+from tests.fakes.faults import Faults
 from tests.alsa_fifo import wait_until
 from tests.test_fake_server import RawClient, assert_error_close, pcm, session_record, tone
 
@@ -23,15 +25,24 @@ US = "universal-streaming-english"
 KEY = "strict-key"
 
 
-def test_the_server_imports_nothing_from_the_client():
-    tree = ast.parse(Path(v3server.__file__).read_text())
+SERVER_MODULES = [*sorted(Path(pttd.local.__file__).parent.glob("*.py")),
+                  *sorted(Path(tests.fakes.__file__).parent.glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", SERVER_MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_the_server_imports_nothing_from_the_client(path):
+    """The runtime server (pttd/local/) and the fake built on it (tests/fakes/) import only
+    each other and pttd.errors: nothing of pttd's client (pttd.stt, pttd.core, pttd.config)."""
+    tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             imported.add(("." * node.level) + (node.module or ""))
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    assert not {m for m in imported if m.startswith(".") or m.startswith("pttd")}, imported
+    ours = ("pttd.local.", "tests.fakes.")
+    assert not {m for m in imported if m.startswith(".") or (
+        m.startswith(("pttd", "tests")) and not m.startswith(ours) and m != "pttd.errors")}, imported
 
 
 @pytest.mark.parametrize("query", [

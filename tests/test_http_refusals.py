@@ -9,7 +9,7 @@ import pytest
 
 from pttd.config import Secret
 from pttd.stt.assemblyai.session import Session, SessionClosed
-from pttd.local.server import Faults
+from tests.fakes.faults import Faults
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config
 

@@ -19,7 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from pttd.frontends.control import MAX_LINE
+from pttd.frontends.control.protocol import MAX_LINE
 from pttd.frontends.kiosk import KioskServer
 from tests.daemon_proc import DaemonProcess, speech_wav, write_config
 

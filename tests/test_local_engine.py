@@ -22,15 +22,11 @@ import numpy as np
 import pytest
 
 from pttd.config import ConfigError
-from pttd.local.engine import (
-    LocalEngine,
-    PocketsphinxFactory,
-    UnknownWordsError,
-    make_factory,
-    normalize_phrase,
-    normalize_phrases,
-)
-from pttd.local.server import AUTH_ERROR, ServerOptions
+from pttd.local.decoders import UnknownWordsError, normalize_phrase, normalize_phrases
+from pttd.local.engine import LocalEngine, PocketsphinxFactory, make_factory
+from pttd.local.wire import AUTH_ERROR
+from tests.fakes.fake_server import FakeOptions
+from tests.fakes.local_engine import RecordedLocalEngine
 from tests.fakes.schemas import validate_session
 from tests.test_fake_server import (  # noqa: F401  (imported tests run here against the engine)
     U3,
@@ -93,7 +89,7 @@ def grammar_factory() -> PocketsphinxFactory:
 
 @pytest.fixture(scope="module")
 def grammar_engine(grammar_factory):
-    with LocalEngine(factory=grammar_factory) as engine:
+    with RecordedLocalEngine(factory=grammar_factory) as engine:
         yield engine
 
 
@@ -109,8 +105,8 @@ def v3_server(free_factory):
     engines: list[LocalEngine] = []
 
     def make(faults=None, **option_fields) -> LocalEngine:
-        engine = LocalEngine(options=ServerOptions(**option_fields), faults=faults,
-                             factory=free_factory, prewarm=False).start()
+        engine = RecordedLocalEngine(options=FakeOptions(**option_fields), faults=faults,
+                                     factory=free_factory, prewarm=False).start()
         engines.append(engine)
         return engine
 
@@ -247,7 +243,7 @@ def test_terminate_flushes_turn_then_termination_then_1000(grammar_engine):
 
 
 def test_decoders_are_reused_across_sessions(grammar_factory):
-    with LocalEngine(factory=grammar_factory) as engine:
+    with RecordedLocalEngine(factory=grammar_factory) as engine:
         loaded = grammar_factory.pool.loaded
         for index in range(2):
             transcribe(engine.url, clip_pcm(clip_by_text("what time is it")), paced=False)

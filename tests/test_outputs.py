@@ -16,8 +16,9 @@ import pytest
 
 from pttd import events
 from pttd.events import State
-from pttd.outputs.fanout import (JournalSink, Outputs, StdoutSink, journal_fields, journal_logging_handler,
-                          text_line)
+from pttd.outputs.fanout import Outputs
+from pttd.outputs.journal import JournalSink, journal_fields, journal_logging_handler
+from pttd.outputs.stdout import StdoutSink, text_line
 from tests.journald import Journald, run_python_in_journald, unavailable_reason
 
 FINAL = events.final_event("turn the lights on", turn_order=3, session_id="sess-1", press_id=7,
@@ -105,7 +106,7 @@ def test_broken_pipe_disables_the_sink_once(caplog):
 BROKEN_PIPE_CHILD = textwrap.dedent("""
     import logging, sys
     from pttd import events
-    from pttd.outputs.fanout import StdoutSink
+    from pttd.outputs.stdout import StdoutSink
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     sys.stdin.readline()                      # wait until the reader has gone
     sink = StdoutSink("jsonl")
@@ -129,7 +130,7 @@ def test_broken_stdout_pipe_does_not_kill_the_process():
 FLOOD_CHILD = textwrap.dedent("""
     import itertools
     from pttd import events
-    from pttd.outputs.fanout import StdoutSink
+    from pttd.outputs.stdout import StdoutSink
     sink = StdoutSink("jsonl")
     for i in itertools.count():
         sink.emit(events.final_event("word " * (i % 700), i, "s", i, 1, 1))
@@ -196,7 +197,7 @@ def test_journal_sink_uses_the_injected_send():
 
 
 def test_journal_send_failure_is_logged_once_and_recovers(caplog):
-    caplog.set_level(logging.INFO, logger="pttd.outputs.fanout")
+    caplog.set_level(logging.INFO, logger="pttd.outputs.journal")
     send = Capture(fail=True)
     sink = JournalSink("m", send=send)
     sink.emit(FINAL)
@@ -222,7 +223,8 @@ def emit_through_journal_sink():
     """Runs inside the private journald (source sent by run_python_in_journald)."""
     from pttd import events
     from pttd.events import State
-    from pttd.outputs.fanout import JournalSink, Outputs
+    from pttd.outputs.fanout import Outputs
+    from pttd.outputs.journal import JournalSink
     outputs = Outputs([JournalSink("universal-streaming-english")])
     outputs.emit(events.state_event(State.LISTENING))
     outputs.emit(events.partial_event("turn the", 3, "sess-1"))
@@ -260,7 +262,7 @@ def test_real_journald_filter_and_logging_handler_under_a_journal_stream():
     script = textwrap.dedent("""
         import logging
         from systemd.journal import JournalHandler
-        from pttd.outputs.fanout import journal_logging_handler
+        from pttd.outputs.journal import journal_logging_handler
         handler = journal_logging_handler()
         assert isinstance(handler, JournalHandler), handler
         log = logging.getLogger("pttd.test")

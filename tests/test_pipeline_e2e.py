@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from pttd.local.server import Faults
+from tests.fakes.faults import Faults
 from tests.daemon_proc import RATE, DaemonProcess, speech_wav, write_config
 
 KEY = "e2e-key-0123456789"

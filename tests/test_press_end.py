@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pttd.core import controller
+from pttd.core import finals
 from pttd.events import State
 from tests.alsa_fifo import wait_until
 
@@ -68,7 +68,7 @@ def press_and_release(daemon) -> None:
 def final_in_hand(daemon_with, monkeypatch, bound_s: float):
     """A press released, its last final now held by the extra output (``FINAL_OUT_WAIT_S`` is
     ``bound_s``): (the output, the controller, the server)."""
-    monkeypatch.setattr(controller, "FINAL_OUT_WAIT_S", bound_s)
+    monkeypatch.setattr(finals, "FINAL_OUT_WAIT_S", bound_s)
     held = HeldFinals()
     daemon, srv = daemon_with(held)
     press_and_release(daemon)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pttd.local.server import Faults
+from tests.fakes.faults import Faults
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config, write_wav
 

@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pttd.stt.assemblyai import protocol
+from pttd.stt.assemblyai.close_policy import CANNOT_OPEN, policy_for
 from pttd.core.controller import Command, Controller, SessionEvent, Settings, SourceStatus, _Stop
 from pttd.events import State
 from pttd.outputs.fanout import Outputs
 from pttd.core.press import IllegalMove, Outcome, Press, PressPhase
-from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn, Word
+from pttd.stt.base import Begin, FinalTurn, Turn, Word
 from pttd.audio.ring import RingBuffer
 from pttd.stt.assemblyai.session import SessionClosed
 from pttd.core.spool import Spool
@@ -154,7 +155,7 @@ class Harness:
     def __init__(self, *, keep_warm_s: float = 0.0, fallback: bool = False,
                  failing_sink: bool = False, button_mode: str = "hold", seed: int = 0,
                  spool_dir=None, max_bytes: int = 64 << 20, max_age_s: float = 86400.0,
-                 sessions_per_minute: int = 0):
+                 sessions_per_minute: int = 0, session_budget: bool = True):
         self.clock = FakeClock()
         self.world = World(self.clock)
         self.ring = RingBuffer(RATE * 60, RATE)
@@ -166,7 +167,8 @@ class Harness:
             sinks.insert(0, FailingSink())
         self.outputs = Outputs(sinks, threaded=False)
         settings_ = Settings(keep_warm_s=keep_warm_s, fallback=fallback, button_mode=button_mode,
-                             max_connect_attempts=3, sessions_per_minute=sessions_per_minute)
+                             max_connect_attempts=3, sessions_per_minute=sessions_per_minute,
+                             session_budget=session_budget)
         self.sessions_per_minute = sessions_per_minute
         # a real spool on real files; its I/O done at once (the controller still hears of each
         # write through its queue, as from the spool thread)
@@ -180,7 +182,7 @@ class Harness:
             spool=self.spool)
         self.c.load_spool()  # (Controller.start does this; here there is no thread)
         self.restored = {p.press_id for p in self.c._presses}
-        self.first_new = self.c._press_counter + 1
+        self.first_new = self.c._presses.last_id + 1
         self._see_presses()
 
     # --- driving ---------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Harness:
 
     def _see_presses(self) -> None:
         # ended presses move to the (bounded, 32) recent list; a step ends only a few at a time
-        for p in [*self.c._presses, *self.c._recent]:
+        for p in [*self.c._presses, *self.c._presses.recent]:
             self.presses.setdefault(p.press_id, p)
 
     def command(self, name: str, source: str = "control") -> None:
@@ -212,7 +214,7 @@ class Harness:
     def close_session(self, session: FakeSession, code: int | None, *, before_begin=None) -> None:
         if session.reported or not session.started:
             return
-        policy = protocol.CANNOT_OPEN if code == "config" else protocol.policy_for(code)
+        policy = CANNOT_OPEN if code == "config" else policy_for(code)
         code = None if code == "config" else code
         closed = SessionClosed(code=code, reason=f"closed with {code}", policy=policy,
                                before_begin=session.begin is None if before_begin is None
@@ -244,7 +246,7 @@ class Harness:
         """Let the world run its course: the button goes up, every session opens, every stream
         finishes, every Terminate is answered, and time passes until nothing is in flight."""
         for _ in range(400):
-            active = self.c._active()
+            active = self.c._presses.active()
             if active is not None:
                 self.step(Command("release", at=time.monotonic()))
             for s in list(self.world.sessions):
@@ -252,14 +254,14 @@ class Harness:
                     self.session_event(s, Begin(id=s.id, expires_at=None))
                 if s.terminating and not s.reported:
                     self.session_event(s, SessionClosed(code=1000, reason="", terminated=True,
-                                                        policy=protocol.policy_for(1000),
+                                                        policy=policy_for(1000),
                                                         before_begin=False))
             for st_ in list(self.world.streamers):
                 self.stream_done(st_)
-            if not self.c._live() and self.c._warm is None and not self._in_flight():
+            if not self.c._presses.live() and self.c._pool.warm is None and not self._in_flight():
                 return
             self.tick(5.0)
-        raise AssertionError(f"not settled: {[(p.press_id, p.phase) for p in self.c._live()]}")
+        raise AssertionError(f"not settled: {[(p.press_id, p.phase) for p in self.c._presses.live()]}")
 
     def _in_flight(self) -> bool:
         return any(s.terminating and not s.reported for s in self.world.sessions)
@@ -267,15 +269,15 @@ class Harness:
     def stop(self) -> None:
         """SIGTERM: the daemon's stop, with its deadline already due."""
         self.step(_Stop(time.monotonic()))
-        assert self.c._stop_complete()
-        self.c._shutdown_sessions()
+        assert self.c._stopping.complete()
+        self.c._stopping.finish()
         self._see_presses()
 
     # --- the invariant ---------------------------------------------------------------------------
 
     def check_invariants(self, *, stopped: bool = False) -> None:
         c = self.c
-        new = set(range(self.first_new, c._press_counter + 1))
+        new = set(range(self.first_new, c._presses.last_id + 1))
         assert set(self.presses) == self.restored | new, "a press was never seen"
         errors: dict[int, list[dict]] = {}
         finals: dict[int, list[dict]] = {}
@@ -323,9 +325,9 @@ class Harness:
                     f"{self.sessions_per_minute}) at t={t - 1000.0:g}"
         if not stopped:
             expect = {State.IDLE}
-            if c._mic_offline or c._net_down:
+            if c._status.mic_offline or c._status.net_down:
                 expect = {State.OFFLINE}
-            elif c._auth_blocked:
+            elif c._status.auth_blocked:
                 expect = {State.ERROR, State.IDLE}
             assert c.state in expect, f"state {c.state.value}, expected {expect}"
 
@@ -372,7 +374,7 @@ class FailingSink:
 # --- actions Hypothesis draws --------------------------------------------------------------------
 
 CLOSE_CODES = [None, 1000, 1001, 1006, 1008, 1011, 3005, 3006, 3007, 3008, 3009, 4031, 4999,
-               "config"]  # (a session pttd could not even open: protocol.CANNOT_OPEN)
+               "config"]  # (a session pttd could not even open: close_policy.CANNOT_OPEN)
 
 def _words(draw_ends: list[int]) -> tuple[Word, ...]:
     return tuple(Word(text=f"w{i}", start=max(0, e - 100), end=e) for i, e in enumerate(draw_ends))
@@ -636,7 +638,7 @@ def test_an_exception_at_a_hand_off_ends_the_press_with_an_error(where):
 def test_a_turn_on_an_idle_warm_session_is_a_ghost_not_a_final():
     h, press, s = sent(keep_warm_s=30.0)
     h.session_event(s, FinalTurn(Turn(0, True, "hello"), formatted=True))
-    assert press.outcome is Outcome.FINAL and h.c._warm is s
+    assert press.outcome is Outcome.FINAL and h.c._pool.warm is s
     h.session_event(s, Turn(1, False, "ghost"))
     h.session_event(s, FinalTurn(Turn(1, True, "ghost"), formatted=True))
     assert [e["text"] for e in h.events if e["event"] in ("final", "partial")] == ["hello"]
@@ -672,14 +674,14 @@ def test_presses_made_offline_go_out_one_at_a_time_in_order_and_a_lost_prober_is
     h.session_event(h.world.sessions[-1], Begin(id="b", expires_at=None))
     order = []
     for _ in range(2):
-        live = [p for p in h.c._live() if not p.queued]
+        live = [p for p in h.c._presses.live() if not p.queued]
         assert len(live) == 1, "one at a time"
         order.append(live[0].press_id)
         h.stream_done(h.world.streamers[-1])
         s = h.world.sessions[-1]
         h.session_event(s, FinalTurn(Turn(0, True, f"press {live[0].press_id}"), formatted=True))
-        h.session_event(s, SessionClosed(1000, "", protocol.policy_for(1000), False, True))
-        if h.c._live():
+        h.session_event(s, SessionClosed(1000, "", policy_for(1000), False, True))
+        if h.c._presses.live():
             h.session_event(h.world.sessions[-1], Begin(id="c", expires_at=None))
     assert order == [2, 3]
     assert [e["text"] for e in h.events if e["event"] == "final"] == ["press 2", "press 3"]

@@ -6,6 +6,8 @@ import urllib.parse
 import pytest
 
 from pttd.stt.assemblyai import protocol as p
+from pttd.stt.assemblyai.close_policy import policy_for
+from pttd.stt.assemblyai.turns import TurnAssembler
 
 
 def test_begin_with_and_without_configuration():
@@ -114,17 +116,17 @@ def test_client_messages():
     (1006, "", "transport", True),
 ])
 def test_close_policy_table(code, reason, kind, retry):
-    pol = p.policy_for(code, reason)
+    pol = policy_for(code, reason)
     assert (pol.kind, pol.retry) == (kind, retry)
     assert pol.message
 
 
 def test_rate_limit_backoff_at_least_five_seconds_with_jitter():
-    pol = p.policy_for(3009)
+    pol = policy_for(3009)
     delays = [pol.delay(0, random.Random(i)) for i in range(50)]
     assert min(delays) >= 5.0 * 0.75 and max(delays) <= 5.0 * 1.25 and len(set(delays)) > 10
     assert pol.delay(10) <= pol.max_backoff_s * 1.25
-    assert p.policy_for(1008).delay(0) == 0.0
+    assert policy_for(1008).delay(0) == 0.0
 
 
 def _turn(order, eot, text, formatted=False):
@@ -132,7 +134,7 @@ def _turn(order, eot, text, formatted=False):
 
 
 def test_assembler_pattern_a_replaces_unformatted_final():
-    a = p.TurnAssembler(format_turns=True, grace_s=1.0)
+    a = TurnAssembler(format_turns=True, grace_s=1.0)
     assert a.feed(_turn(0, False, "hi"), 0.0) == []
     assert a.feed(_turn(0, True, "hi there"), 0.1) == []
     assert a.deadline() == pytest.approx(1.1)
@@ -142,12 +144,12 @@ def test_assembler_pattern_a_replaces_unformatted_final():
 
 
 def test_assembler_pattern_b_and_u3_deliver_at_once():
-    a = p.TurnAssembler(format_turns=True)
+    a = TurnAssembler(format_turns=True)
     assert [f.turn.transcript for f in a.feed(_turn(0, True, "Hi.", True), 0)] == ["Hi."]
 
 
 def test_assembler_grace_expiry_higher_turn_and_flush():
-    a = p.TurnAssembler(format_turns=True, grace_s=1.0)
+    a = TurnAssembler(format_turns=True, grace_s=1.0)
     a.feed(_turn(0, True, "zero"), 0.0)
     assert a.expire(0.5) == []
     assert [f.turn.transcript for f in a.expire(1.0)] == ["zero"]
@@ -160,6 +162,6 @@ def test_assembler_grace_expiry_higher_turn_and_flush():
 
 
 def test_assembler_format_off_delivers_first_final():
-    a = p.TurnAssembler(format_turns=False)
+    a = TurnAssembler(format_turns=False)
     assert len(a.feed(_turn(0, True, "x"), 0)) == 1
     assert a.feed(_turn(0, True, "X.", True), 0) == []

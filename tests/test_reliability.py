@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pttd.local.server import Faults
+from tests.fakes.faults import Faults
 from tests.daemon_proc import E2E_KEY
 
 # two speech bursts: 2-4 s and 6-8 s of the mic's clock

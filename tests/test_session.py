@@ -11,7 +11,8 @@ import pytest
 from pttd.stt.assemblyai import protocol
 from pttd.config import Secret
 from pttd.stt.assemblyai.session import ConnectError, Session, SessionClosed
-from pttd.local.server import Faults
+from pttd.stt.base import FinalTurn
+from tests.fakes.faults import Faults
 from tests.fakes.schemas import validate_client_message
 
 KEY = "test-key-0123456789"
@@ -74,7 +75,7 @@ def paced_send(session, chunks, period=0.05):
 
 
 def finals_of(events):
-    return [e for e in events if isinstance(e, protocol.FinalTurn)]
+    return [e for e in events if isinstance(e, FinalTurn)]
 
 
 TEN_SECONDS = (quiet(500), speech(2000), quiet(1500), speech(2500), quiet(1500), speech(1500),
@@ -144,7 +145,7 @@ def test_send_now_is_ordered_and_force_endpoint_follows_the_last_frame(fake_v3):
             time.sleep(delay)  # pacing a real-time stream, not waiting for a result
         assert s.send_audio_now(chunk)
     assert s.force_endpoint_now()
-    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    events = rec.drain(lambda e: isinstance(e, FinalTurn))
     assert [f.turn.transcript for f in finals_of(events)] == ["Sent from the caller."]
     assert s.frames_sent == len(chunks) and s.audio_bytes_sent == sum(map(len, chunks))
     s.terminate(timeout=5)
@@ -364,7 +365,7 @@ def test_unknown_messages_and_fields_are_tolerated(fake_v3):
     s.connect(timeout=5)
     paced_send(s, frames(quiet(200), speech(1000), quiet(200)))
     assert s.force_endpoint_now()
-    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    events = rec.drain(lambda e: isinstance(e, FinalTurn))
     assert events[-1].turn.transcript == "still works"
     s.terminate(timeout=5)
 
@@ -376,7 +377,7 @@ def test_slow_turns_still_arrive(fake_v3):
     s.connect(timeout=5)
     paced_send(s, frames(speech(800), quiet(200)))
     assert s.force_endpoint_now()
-    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn), timeout=10)
+    events = rec.drain(lambda e: isinstance(e, FinalTurn), timeout=10)
     assert events[-1].turn.transcript == "slow one"
     s.terminate(timeout=5)
 
@@ -389,7 +390,7 @@ def test_pattern_a_unformatted_copy_held_then_released_when_no_formatted_copy(fa
     s.connect(timeout=5)
     paced_send(s, frames(speech(600), quiet(200)))
     assert s.force_endpoint_now()
-    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    events = rec.drain(lambda e: isinstance(e, FinalTurn))
     assert events[-1].turn.transcript == "X y." and events[-1].formatted
     s.terminate(timeout=5)
     assert len(finals_of(events + list(rec.q.queue))) == 1
@@ -462,6 +463,6 @@ def test_a_quiet_session_outlives_the_servers_pings(fake_v3):
     assert s.is_open
     paced_send(s, frames(speech(800), quiet(200)))
     assert s.force_endpoint_now()
-    events = rec.drain(lambda e: isinstance(e, protocol.FinalTurn))
+    events = rec.drain(lambda e: isinstance(e, FinalTurn))
     assert finals_of(events)[0].turn.transcript == "Still here."
     s.close()

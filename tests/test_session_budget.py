@@ -15,7 +15,7 @@ import pytest
 
 from pttd.stt.assemblyai import protocol
 from pttd.core.budget import ASSUMED_LIMIT, FORGET_S, SLACK_S, WINDOW_S, SessionBudget
-from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn
+from pttd.stt.base import Begin, FinalTurn, Turn
 from pttd.core.press import Outcome, PressPhase
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import E2E_KEY, DaemonProcess, speech_wav, write_config
@@ -120,7 +120,7 @@ def test_a_3009_teaches_the_limit_and_the_press_goes_when_the_window_allows():
     for i in range(3):
         one_press(h, f"press {i + 1}")
         h.tick(20.0)  # (nothing kept warm: three sessions are below the free tier's five)
-    assert len(h.world.sessions) == 3 and h.c._warm is None
+    assert len(h.world.sessions) == 3 and h.c._pool.warm is None
     h.command("press")  # at 63 s: the first session left the window; another device used it
     refused = h.world.sessions[-1]
     h.close_session(refused, 3009)
@@ -129,7 +129,7 @@ def test_a_3009_teaches_the_limit_and_the_press_goes_when_the_window_allows():
     retry_in = [e for e in h.events if e["event"] == "error"][-1]["retry_in_s"]
     # two of ours in the window (at 21 and 42 s): the older leaves it at 81 s, 18 s from now
     assert retry_in == pytest.approx(18 + SLACK_S, abs=0.01)
-    assert h.c._budget.limit() == 2
+    assert h.c._sessions.budget.limit() == 2
     h.tick(retry_in - 0.1)
     assert len(h.world.sessions) == 4, "not before the window allows"
     h.tick(0.2)
@@ -157,12 +157,11 @@ def test_a_press_held_for_the_budget_keeps_its_audio_and_is_not_an_error():
 
 
 def test_no_warm_session_for_the_offline_engine():
-    h = Harness(sessions_per_minute=1)
-    h.c.s = type(h.c.s)(**{**h.c.s.__dict__, "session_budget": False})
+    h = Harness(sessions_per_minute=1, session_budget=False)
     for i in range(3):
         one_press(h, f"press {i + 1}")
     h.settle()
-    assert len(h.world.sessions) == 3 and h.c._budget.count() == 0
+    assert len(h.world.sessions) == 3 and h.c._sessions.budget.count() == 0
 
 
 # --- ten presses in a minute through pttd run -----------------------------------------------------

@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pttd.stt.assemblyai import protocol
+from pttd.stt.assemblyai.close_policy import CANNOT_OPEN
 from pttd.stt.assemblyai.session import SessionClosed
-from pttd.local.server import Faults
+from pttd.stt.base import FinalTurn
+from tests.fakes.faults import Faults
 from tests.test_session import KEY, Recorder, frames, open_session, quiet, speech
 
 ABSURD = [1e400, -1e400, -1, 2 ** 70, 1.5, "7", None, True, [], {}]
@@ -93,7 +95,7 @@ def test_any_server_text_ends_in_exactly_one_close_report(server, texts, after):
     assert rec.q.empty() or not any(isinstance(e, SessionClosed) for e in list(rec.q.queue))
     assert not escaped, escaped
     assert not session._receiver.is_alive() and not session._sender.is_alive()
-    finals = [e.turn.turn_order for e in events if isinstance(e, protocol.FinalTurn)]
+    finals = [e.turn.turn_order for e in events if isinstance(e, FinalTurn)]
     assert len(finals) == len(set(finals)), "one final per turn_order"
 
 
@@ -166,5 +168,5 @@ def test_a_url_websocket_client_cannot_use_is_a_config_failure_not_the_network(u
     closed = rec.drain(lambda e: isinstance(e, SessionClosed), timeout=5)
     session.close(2)
     assert len(closed) == 1 and closed[0].before_begin
-    assert closed[0].policy is protocol.CANNOT_OPEN and not closed[0].policy.retry
+    assert closed[0].policy is CANNOT_OPEN and not closed[0].policy.retry
     assert "ValueError" in closed[0].reason

@@ -16,7 +16,7 @@ import pytest
 
 from pttd import config
 from pttd.core.press import Outcome, PressPhase
-from pttd.stt.assemblyai.protocol import Begin, FinalTurn, Turn
+from pttd.stt.base import Begin, FinalTurn, Turn
 from pttd.core.spool import DEFAULT_DIR, Spool, SpoolError, encode, open_spool
 from tests.test_press_lifecycle import RATE, Harness
 
@@ -266,7 +266,7 @@ def test_a_press_still_held_at_stop_is_spooled_with_the_audio_there_is(tmp_path)
     keep_offline(h)
     h.tick(1.5)
     keep_offline(h)
-    assert h.c._active() is not None  # held, waiting for the network
+    assert h.c._presses.active() is not None  # held, waiting for the network
     h.stop()
     assert h.presses[1].outcome is Outcome.SPOOLED
     h2 = Harness(spool_dir=tmp_path)

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from pttd.config import ConfigError, Secret, from_dict
-from pttd.stt.assemblyai.session import UrlError
-from pttd.stt.assemblyai.tokens import TokenBroker, TokenSource, read_devices, token_endpoint
+from pttd.stt.assemblyai.broker import TokenBroker, read_devices, token_endpoint
+from pttd.stt.assemblyai.link import UrlError
+from pttd.stt.assemblyai.tokens import TokenSource
 from tests.alsa_fifo import wait_until
 from tests.daemon_proc import DaemonProcess, speech_wav, wait_queue, write_config
 

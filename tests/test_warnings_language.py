@@ -12,7 +12,7 @@ import pytest
 
 from pttd.config import Secret
 from pttd.stt.assemblyai.session import Session, SessionClosed
-from pttd.local.server import Faults
+from tests.fakes.faults import Faults
 from tests.daemon_proc import DaemonProcess, speech_wav, wait_queue, write_config
 
 KEY = "warn-e2e-key-0123456789"
@@ -42,7 +42,7 @@ def press(d: DaemonProcess) -> dict:
 
 
 def subscriber(sock) -> "queue.Queue[dict]":
-    from pttd.frontends.control import subscribe
+    from pttd.frontends.control.client import subscribe
 
     q: "queue.Queue[dict]" = queue.Queue()
 

@@ -1,4 +1,4 @@
-"""The ``pttd`` command line (design.md, "CLI"): exit 0 ok, 2 a problem to fix, 1 runtime failure.
+"""The ``pttd`` command line: exit 0 ok, 2 a problem to fix, 1 runtime failure.
 
 User mistakes end in one ``pttd: error: ...`` line, never a traceback.
 """
@@ -12,7 +12,8 @@ import os
 import sys
 
 from pttd import __version__
-from pttd.config import config_path, load_config
+from pttd.config import load_config
+from pttd.config_files import config_path
 from pttd.errors import UsageError, UserError
 from pttd.events import Command
 
@@ -21,72 +22,66 @@ log = logging.getLogger("pttd")
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 CONTROL_COMMANDS = tuple(c.value for c in Command if c is not Command.SUBSCRIBE)
 
+Subcommands = argparse._SubParsersAction  # what add_subparsers() returns
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, in the order ``pttd --help`` lists them."""
     parser = argparse.ArgumentParser(prog="pttd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pttd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    def with_config(p):
-        p.add_argument(
-            "-c",
-            "--config",
-            metavar="FILE",
-            help="config file (default: $PTTD_CONFIG, else /etc/pttd/pttd.toml)",
-        )
-        return p
-
-    with_config(sub.add_parser("run", help="the daemon (what systemd runs)"))
+    _with_config(sub.add_parser("run", help="the daemon (what systemd runs)"))
     demo = sub.add_parser("demo", help="the whole pipeline offline: no Pi, mic, key or internet")
     demo.add_argument("--jsonl", action="store_true", help="print the contract's JSON events")
-    with_config(sub.add_parser("check", help="self-test: config, mic, GPIO, server and key"))
-    for name in CONTROL_COMMANDS:
-        p = with_config(sub.add_parser(name, help=f"send {name!r} to the running daemon"))
-        p.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
-    ev = with_config(sub.add_parser("events", help="print the daemon's events as JSON lines"))
-    ev.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
-    rec = with_config(sub.add_parser("record", help="record exactly what would be sent"))
+    _with_config(sub.add_parser("check", help="self-test: config, mic, GPIO, server and key"))
+    _add_control_commands(sub)
+    rec = _with_config(sub.add_parser("record", help="record exactly what would be sent"))
     rec.add_argument("--seconds", type=float, required=True, metavar="N")
     rec.add_argument("out", metavar="OUT.wav")
     local = sub.add_parser("serve-local", help="the offline v3-compatible engine")
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=8765)
-    tokens = with_config(
-        sub.add_parser(
-            "serve-tokens",
-            help="token broker for a fleet: one-use AssemblyAI tokens, key stays here",
-        )
+    _add_serve_tokens(sub)
+    return parser
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $PTTD_CONFIG, else /etc/pttd/pttd.toml)",
     )
+    return p
+
+
+def _add_control_commands(sub: Subcommands) -> None:
+    """The commands that talk to a running daemon over its control socket."""
+    for name in CONTROL_COMMANDS:
+        p = _with_config(sub.add_parser(name, help=f"send {name!r} to the running daemon"))
+        p.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
+    ev = _with_config(sub.add_parser("events", help="print the daemon's events as JSON lines"))
+    ev.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
+
+
+def _add_serve_tokens(sub: Subcommands) -> None:
+    what = "token broker for a fleet: one-use AssemblyAI tokens, key stays here"
+    tokens = _with_config(sub.add_parser("serve-tokens", help=what))
     tokens.add_argument("--listen", required=True, metavar="HOST:PORT")
     tokens.add_argument(
         "--devices", required=True, metavar="FILE", help="'device_id secret' per line, mode 0600"
     )
-    tokens.add_argument(
-        "--max-session-s",
-        type=int,
-        default=600,
-        metavar="N",
-        help="cap on each token's session (60-10800, default 600)",
+    limits = (
+        ("--max-session-s", 600, "cap on each token's session (60-10800, default 600)"),
+        ("--expires-s", 300, "how long a token may wait unused (1-600, default 300)"),
+        ("--per-device-per-minute", 30, "tokens per device per minute before 429 (default 30)"),
     )
-    tokens.add_argument(
-        "--expires-s",
-        type=int,
-        default=300,
-        metavar="N",
-        help="how long a token may wait unused (1-600, default 300)",
-    )
-    tokens.add_argument(
-        "--per-device-per-minute",
-        type=int,
-        default=30,
-        metavar="N",
-        help="tokens per device per minute before 429 (default 30)",
-    )
+    for flag, default, text in limits:
+        tokens.add_argument(flag, type=int, default=default, metavar="N", help=text)
     tokens.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     tokens.add_argument("--tls-key", metavar="FILE", help="... and this private key")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(verbose: bool) -> None:
-    from pttd.outputs.fanout import journal_logging_handler, journal_stream_matches
+    from pttd.outputs.journal import journal_logging_handler, journal_stream_matches
 
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
@@ -127,7 +122,7 @@ def _load(args):
     return load_config(config_path(getattr(args, "config", None)))
 
 
-# --- commands --------------------------------------------------------------------------------------
+# --- commands -------------------------------------------------------------------------------------
 
 
 def cmd_run(args) -> int:
@@ -141,7 +136,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_control(args) -> int:
-    from pttd.frontends.control import ControlError, request
+    from pttd.frontends.control.client import request
+    from pttd.frontends.control.protocol import ControlError
 
     path = _socket_path(args)
     try:
@@ -154,7 +150,8 @@ def cmd_control(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from pttd.frontends.control import ControlError, subscribe
+    from pttd.frontends.control.client import subscribe
+    from pttd.frontends.control.protocol import ControlError
 
     path = _socket_path(args)
     try:
@@ -202,7 +199,7 @@ def cmd_record(args) -> int:
 
 
 def cmd_serve_local(args) -> int:
-    from pttd.app.daemon import require_pocketsphinx
+    from pttd.app.offline import require_pocketsphinx
     from pttd.local.engine import serve
 
     require_pocketsphinx("pttd serve-local")
@@ -211,7 +208,7 @@ def cmd_serve_local(args) -> int:
 
 
 def cmd_serve_tokens(args) -> int:
-    from pttd.stt.assemblyai.tokens import serve
+    from pttd.stt.assemblyai.broker import serve
 
     return serve(
         _load(args),

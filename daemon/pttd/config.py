@@ -3,123 +3,59 @@
 Every key is optional and has the contract's default. Unknown sections or keys, wrong types and
 out-of-range values raise :class:`ConfigError` naming the key, so ``pttd run -c bad.toml`` can
 exit 2 with one readable line instead of a traceback or a silently ignored typo.
+
+Each key's docstring, right under it, is its documentation: scripts/gen_config_ref.py turns
+them, the defaults and the checks into docs/config.md. This module is the one import for users
+of the configuration; reading the files (config_files.py) and the value checks
+(config_checks.py) live apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
-import stat
-import tomllib
-import urllib.parse
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from pttd import config_checks as checks
+from pttd.config_checks import Check, between, check_across_keys, one_of
+from pttd.config_files import (
+    CREDENTIAL_NAME,
+    DEFAULT_PATH,
+    Secret,
+    check_token_mode,
+    config_path,
+    read_text_file,
+    read_toml,
+    require_api_key,
+    resolve_api_key,
+)
 from pttd.errors import ConfigError
 
-__all__ = ["ConfigError", "Config", "Secret", "load_config", "from_dict"]
+__all__ = [
+    "CLOUD_URL",
+    "CREDENTIAL_NAME",
+    "DEFAULT_PATH",
+    "SECTIONS",
+    "Config",
+    "ConfigError",
+    "Secret",
+    "config_path",
+    "from_dict",
+    "load_config",
+    "read_text_file",
+    "require_api_key",
+    "resolve_api_key",
+]
 
-DEFAULT_PATH = "/etc/pttd/pttd.toml"
 CLOUD_URL = "wss://streaming.assemblyai.com/v3/ws"
-CREDENTIAL_NAME = "assemblyai-api-key"
-DEFAULT_KEY_FILE = "/etc/pttd/api-key"  # what the shipped unit loads as that credential
+_is_loopback = checks.is_loopback_listen  # its name in tests/test_config_files.py
 
 
-class Secret:
-    """Holds the API key so that no repr, log line, exception text or event can show it."""
-
-    __slots__ = ("_value", "origin")
-
-    def __init__(self, value: str = "", origin: str = ""):
-        self._value = value
-        self.origin = origin
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret(<set>)" if self._value else "Secret(<empty>)"
-
-    __str__ = __repr__
-
-
-# --- value checks: each returns an error text or None -------------------------------------------
-
-
-def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
-
-
-def _one_of(*choices: Any) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else "must be one of " + ", ".join(map(repr, choices))
-
-
-def _url(v: str) -> str | None:
-    """ "local", or a ws:// / wss:// URL websocket-client can connect to (a host, a valid port):
-    caught at start-up, not at the first press."""
-    if v == "local":
-        return None
-    bad = 'must be a ws:// or wss:// URL with a host, or "local"'
-    try:
-        parts = urllib.parse.urlsplit(v)
-        port = parts.port  # raises ValueError when out of range or not a number
-    except ValueError as exc:
-        return f"{bad} ({exc})"
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        return bad
-    if port == 0:
-        return f"{bad} (port 0)"
-    if any(c.isspace() for c in v):
-        return f"{bad} (no spaces)"
-    return None
-
-
-def _token_url(v: str) -> str | None:
-    """ "" (off), an https:// URL, or http:// to a loopback host (never a secret in clear)."""
-    if v == "":
-        return None
-    try:
-        parts = urllib.parse.urlsplit(v)
-        parts.port  # noqa: B018 - raises ValueError when out of range
-    except ValueError as exc:
-        return f"must be an https:// URL ({exc})"
-    if parts.scheme not in ("https", "http") or not parts.hostname or any(c.isspace() for c in v):
-        return "must be an https:// URL with a host"
-    if parts.scheme == "http":
-        from pttd.stt.assemblyai.tokens import is_loopback_host
-
-        if not is_loopback_host(parts.hostname):
-            return (
-                "must be https:// (http:// only to a loopback host: the secret and the token "
-                "would cross the network in clear)"
-            )
-    return None
-
-
-def _str_list(v: list) -> str | None:
-    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
-
-
-def _pin_list(v: list) -> str | None:
-    if all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 53 for x in v):
-        return None
-    return "must be a list of GPIO numbers (0-53)"
-
-
-def _opt(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
-    meta = {"check": check, "doc": doc}
+def _key(default: Any, check: Check | None = None) -> Any:
+    """A key's default, and the check its value must pass."""
+    meta = {"check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -130,166 +66,243 @@ def _opt(default: Any, check: Callable[[Any], str | None] | None = None, doc: st
 
 @dataclass(frozen=True)
 class SttConfig:
-    url: str = _opt(CLOUD_URL, _url, 'v3 endpoint, or "local" for the offline engine')
-    api_key: Secret = field(default_factory=Secret, metadata={"check": None, "doc": "inline key"})
-    api_key_file: str = _opt("", None, "file holding the key")
-    speech_model: str = _opt(
-        "universal-streaming-english",
-        lambda v: None if v.strip() else "must not be empty",
-        "always sent: the server default changed several times in 2026",
-    )
-    format_turns: bool = _opt(True)
-    keep_warm_s: float = _opt(0.0, _between(0, 3600), "keep the session this long after a turn")
-    fallback: str = _opt("", _one_of("", "local"))
-    fallback_retry_s: float = _opt(
-        30.0, _between(1, 3600), "after a cloud failure, use the local engine this long"
-    )
-    params: dict = _opt({}, None, "other v3 query parameters, passed through")
-    # fleet mode (issue 24): a one-use temporary token per session from this URL, no key here
-    token_url: str = _opt("", lambda v: _token_url(v), "GET -> {token, expires_in_seconds}")
-    token_auth_file: str = _opt("", None, "sent to token_url as Authorization: Bearer <content>")
-    sessions_per_minute: int = _opt(
-        0, _between(0, 100000), "the account's new-session limit; 0 = learn it (3009)"
-    )
+    """The speech-to-text service: where it is, how pttd proves who it is, what it asks for."""
+
+    url: str = _key(CLOUD_URL, checks.ws_url)
+    """The v3 endpoint (`wss://streaming.eu.assemblyai.com/v3/ws` for the EU data zone), or
+    `"local"` for the offline engine started in-process (`install.sh --with-local`). A URL that
+    can never work (no host, a port outside 1-65535, a scheme other than `ws`/`wss`) stops
+    start-up with exit 2."""
+    api_key: Secret = field(default_factory=Secret, metadata={"check": None})
+    """The key inline (prefer `api_key_file` or the credential). Wins over every other source."""
+    api_key_file: str = _key("")
+    """A file holding the key. Without `api_key` or `api_key_file` the key comes from
+    `$ASSEMBLYAI_API_KEY`, else the systemd credential `assemblyai-api-key` (`/etc/pttd/api-key`
+    with the shipped unit). The key is never logged, printed or put in an event."""
+    speech_model: str = _key("universal-streaming-english", checks.not_empty)
+    """Always sent: the server's default changed four times in 2026."""
+    format_turns: bool = _key(True)
+    """Punctuation and casing on finals (Universal-3 Pro models always format and are not sent
+    it)."""
+    keep_warm_s: float = _key(0.0, between(0, 3600))
+    """Keep the session open this long after a turn for the next press (billed while open)."""
+    fallback: str = _key("", one_of("", "local"))
+    """`"local"`: when the cloud is unreachable or refuses (not on a rejected key), turns go to
+    the offline engine, and their finals carry `"engine": "local"`."""
+    fallback_retry_s: float = _key(30.0, between(1, 3600))
+    """After such a failure, presses use the offline engine this long, then the cloud is tried
+    again."""
+    params: dict = _key({})
+    """Any other v3 query parameter, passed through: lists/objects as JSON, booleans lowercase
+    (e.g. `keyterms_prompt = ["Raspberry Pi", "pttd"]`, `max_turn_silence = 800`);
+    `speech_model`, `format_turns`, `sample_rate`, `encoding`, `token` are refused here."""
+    token_url: str = _key("", checks.token_url)
+    """Fleet mode (docs/fleet-tokens.md): each session connects with a fresh one-use token from
+    this URL (GET → `{"token": "...", "expires_in_seconds": N}`, sent as `?token=`), typically
+    from `pttd serve-tokens`; no API key on the device (`api_key`/`api_key_file` are then
+    refused, the environment's key ignored). `https://` (verified against the system CAs;
+    `SSL_CERT_FILE` names another bundle), `http://` only to a loopback host."""
+    token_auth_file: str = _key("")
+    """This device's secret for `token_url`: the file's content goes there as
+    `Authorization: Bearer <content>` (checked readable and non-empty at start-up)."""
+    sessions_per_minute: int = _key(0, between(0, 100000))
+    """The account's new-session limit (AssemblyAI limits new sessions per minute per account:
+    free accounts 5, paid 100+). pttd counts the sessions it opened in the last 60 s; once that
+    reaches the limit, a press's session is kept open after its final until the window has room
+    again (so the next presses reuse it: no new session, no wait), and a press that would still
+    need one more waits for the window, its audio kept (never a lost press). `0` = learn it:
+    presses are never held back until the service refuses one (3009), sessions are kept warm
+    from 5 a minute on (the least any account has), and after a 3009 the number pttd had opened
+    in the minute is the limit for the next 10 minutes. **Free tier: leave it at 0 or set 5.
+    Paid: set your limit** (e.g. 100), or busy minutes keep sessions open (billed) they would
+    not need. Ignored with `url = "local"`."""
 
 
 @dataclass(frozen=True)
 class AudioConfig:
-    source: str = _opt("alsa", _one_of("alsa", "wav"))
-    device: str = _opt("default")
-    wav: str = _opt("")
-    capture_format: str = _opt("S16_LE", _one_of("S16_LE", "S32_LE"))
-    capture_channels: int = _opt(1, _one_of(1, 2))
-    capture_rate: int = _opt(16000, _one_of(16000, 32000, 44100, 48000))
-    channel: int = _opt(0, _between(0, 1))
-    sample_rate: int = _opt(16000, _one_of(8000, 16000, 22050, 24000, 32000, 44100, 48000))
-    gain_db: float = _opt(0.0, _between(-20.0, 60.0))
-    warmup_ms: int = _opt(150, _between(0, 5000))
-    ring_seconds: int = _opt(30, _between(5, 600))
-    chunk_ms: int = _opt(50, _between(50, 1000), "the server accepts 50-1000 ms per frame")
-    # capture period: the capture thread (and the streamer it wakes) runs once per period;
-    # shorter sends audio sooner, longer costs less CPU
-    period_ms: int = _opt(100, _between(10, 1000))
-    # DC-blocking high-pass for ALSA mics (0 = off): on, every block goes through numpy; off, a
-    # 16-bit mono mic at sample_rate with gain_db 0 is sent as captured, without numpy
-    highpass_hz: float = _opt(80.0, _between(0.0, 1000.0))
-    preroll_ms: int = _opt(500, _between(0, 5000))
-    postroll_ms: int = _opt(300, _between(0, 5000))
+    """The microphone, how its samples become what is sent, and the ring buffer."""
+
+    source: str = _key("alsa", one_of("alsa", "wav"))
+    """Where audio comes from: an ALSA device, or a WAV file standing in for a mic."""
+    device: str = _key("default")
+    """ALSA PCM name, e.g. `"hw:CARD=sndrpigooglevoi,DEV=0"` (by name: card numbers move) or
+    `"mic"` from asound.conf."""
+    wav: str = _key("")
+    """With `source = "wav"`: the file, played in real time, then silence (a mic that never
+    ends)."""
+    capture_format: str = _key("S16_LE", one_of("S16_LE", "S32_LE"))
+    """The device's sample format (I2S MEMS mics: `S32_LE`)."""
+    capture_channels: int = _key(1, one_of(1, 2))
+    """Channels captured from the device."""
+    capture_rate: int = _key(16000, one_of(16000, 32000, 44100, 48000))
+    """The device's sample rate, in Hz."""
+    channel: int = _key(0, between(0, 1))
+    """Which capture channel is the mic (an I2S mic: 0 with its L/R pin tied to GND, 1 with it
+    tied to 3V3)."""
+    sample_rate: int = _key(16000, one_of(8000, 16000, 22050, 24000, 32000, 44100, 48000))
+    """What is sent to the server (pcm_s16le mono), in Hz."""
+    gain_db: float = _key(0.0, between(-20.0, 60.0))
+    """Gain in dB; clipping is counted, never wrapped."""
+    warmup_ms: int = _key(150, between(0, 5000))
+    """Discarded after every device open (the MEMS start-up transient)."""
+    ring_seconds: int = _key(30, between(5, 600))
+    """Ring buffer capacity, in seconds."""
+    chunk_ms: int = _key(50, between(50, 1000))
+    """Frame size sent (the server accepts 50-1000 ms per frame), rounded up to whole samples
+    (at 22050 Hz a 50 ms frame is 1103 samples, 50.02 ms: the server refuses frames under
+    50 ms)."""
+    period_ms: int = _key(100, between(10, 1000))
+    """Capture period (an addition to the contract): the capture thread, and the streamer it
+    wakes, run once per period. Shorter sends audio sooner (a frame waits for its period to
+    end); longer costs less CPU. A press and a release are placed at their own moment (to
+    10 ms), not at the end of the last period, so no post-roll is lost either way."""
+    highpass_hz: float = _key(80.0, between(0.0, 1000.0))
+    """DC-blocking high-pass for ALSA mics, in Hz (`0` = off; an addition to the contract). I2S
+    MEMS mics need it (a large DC offset). Off, a 16-bit mono mic at `sample_rate` with
+    `gain_db = 0` is sent exactly as captured and the daemon never loads numpy: ~13 MB less
+    memory and ~1.9 ms less CPU per audio second (`bench/mic_daemon.py`: 30.2 MB and 5.9 ms/s
+    against 43.1 MB and 7.8 ms/s)."""
+    preroll_ms: int = _key(500, between(0, 5000))
+    """Audio from before the press."""
+    postroll_ms: int = _key(300, between(0, 5000))
+    """Audio after the release."""
 
 
 @dataclass(frozen=True)
 class ButtonConfig:
-    pin: int = _opt(17, _between(0, 53))
-    pull_up: bool = _opt(True)
-    bounce_ms: int = _opt(30, _between(0, 1000))
-    mode: str = _opt("hold", _one_of("hold", "toggle"))
+    """The push button (docs/button-and-leds.md)."""
+
+    pin: int = _key(17, between(0, 53))
+    """BCM GPIO number of the push button."""
+    pull_up: bool = _key(True)
+    """Button to GND with the internal pull-up; `false` for a button wired to 3.3 V."""
+    bounce_ms: int = _key(30, between(0, 1000))
+    """Debounce (`0` = off)."""
+    mode: str = _key("hold", one_of("hold", "toggle"))
+    """`"hold"` (push-to-talk) or `"toggle"` (press to start, press to stop)."""
 
 
 @dataclass(frozen=True)
 class LedsConfig:
-    kind: str = _opt("led", _one_of("led", "pwm", "rgb", "none"))
-    pins: list = _opt([27], _pin_list)
-    active_high: bool = _opt(True)
-    patterns: dict = _opt({}, None, "state -> pattern")
+    """The status LED(s) (docs/button-and-leds.md)."""
+
+    kind: str = _key("led", one_of("led", "pwm", "rgb", "none"))
+    """A plain LED, a dimmable one, an RGB LED, or no pins at all."""
+    pins: list = _key([27], checks.pin_list)
+    """One pin for `led`/`pwm`, three (r, g, b) for `rgb`."""
+    active_high: bool = _key(True)
+    """`false` for LEDs wired to 3.3 V / common-anode RGB."""
+    patterns: dict = _key({})
+    """State → pattern overrides, e.g. `patterns = { listening = "on", error = "blink:0.5,0.5" }`;
+    the defaults and the pattern grammar: docs/button-and-leds.md#leds-what-they-say."""
 
 
 @dataclass(frozen=True)
 class GpioConfig:
-    pin_factory: str = _opt("", _one_of("", "mock", "lgpio", "rpigpio", "pigpio", "native"))
+    """How gpiozero reaches the pins."""
+
+    pin_factory: str = _key("", one_of("", "mock", "lgpio", "rpigpio", "pigpio", "native"))
+    """`""` = gpiozero's default (lgpio on Bookworm); `"mock"` where there is no GPIO (demo,
+    tests)."""
 
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = _opt(
-        "/run/pttd/control.sock", lambda v: None if v.strip() else "must not be empty"
-    )
+    """The local control socket (docs/contract.md#control-socket)."""
+
+    socket: str = _key("/run/pttd/control.sock", checks.not_empty)
+    """The control socket's path."""
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    stdout: str = _opt("text", _one_of("text", "jsonl", "none"))
-    journal: bool = _opt(True)
-    hook: list = _opt([], _str_list)
-    type: bool = _opt(False, None, "type finals into the focused app (uinput keyboard)")
-    type_layout: str = _opt("us", _one_of("us", "gb", "de"), "the system's keyboard layout")
-    type_trailing: str = _opt("space", _one_of("space", "newline", "none"), "typed after a final")
-    type_partials: bool = _opt(False, None, "type partials' stable words as they firm up")
-    type_delay_ms: int = _opt(10, _between(0, 100), "pause between keystrokes")
-    hook_timeout_s: float = _opt(10.0, _between(0.1, 3600), "a hook run longer than this is killed")
-    hook_retries: int = _opt(2, _between(0, 10), "extra runs after a failed one")
+    """Where finals go besides the control socket: stdout, journald, a hook, typing."""
 
-
-def _listen(v: str) -> str | None:
-    host, sep, port = v.rpartition(":")
-    if v == "" or (sep and port.isdigit() and 1 <= int(port) <= 65535):
-        return None
-    return 'must be HOST:PORT, e.g. "127.0.0.1:8766" (or "" for off)'
-
-
-def _origin_list(v: list) -> str | None:
-    if all(
-        isinstance(x, str) and x.startswith(("http://", "https://")) and x.count("/") == 2
-        for x in v
-    ):
-        return None
-    return 'must list origins like "http://localhost:3000" (scheme://host[:port], no path)'
+    stdout: str = _key("text", one_of("text", "jsonl", "none"))
+    """What is printed on stdout (under systemd stdout goes to the journal)."""
+    journal: bool = _key(True)
+    """Structured journald records."""
+    hook: list = _key([], checks.str_list)
+    """Argv run for each final, no shell: transcript on stdin, fields in `PTTD_*` variables, and
+    of pttd's environment only `PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, `LANGUAGE`, `LC_*`,
+    `TZ`, `TMPDIR`; output read through a pipe (last 2 KB logged on failure, at most 1 MiB
+    read); no core dumps, files up to 64 MiB (docs/hook.md)."""
+    hook_timeout_s: float = _key(10.0, between(0.1, 3600))
+    """The hook is killed after this long."""
+    hook_retries: int = _key(2, between(0, 10))
+    """A failing hook is retried this many times."""
+    type: bool = _key(False)
+    """Type finals into the focused app through a virtual keyboard (uinput;
+    docs/typing-and-mqtt.md)."""
+    type_layout: str = _key("us", one_of("us", "gb", "de"))
+    """The system's keyboard layout."""
+    type_trailing: str = _key("space", one_of("space", "newline", "none"))
+    """Typed after each final."""
+    type_partials: bool = _key(False)
+    """Type partials' stable words as they firm up, corrected by the final."""
+    type_delay_ms: int = _key(10, between(0, 100))
+    """Pause between keystrokes; raise it if an app drops keys."""
 
 
 @dataclass(frozen=True)
 class KioskConfig:
-    listen: str = _opt("", _listen, 'HOST:PORT of the kiosk page and WebSocket; "" = off')
-    token: str = _opt("", None, "required from clients when set; required for non-loopback listen")
-    allowed_origins: list = _opt([], _origin_list, "extra browser origins allowed on /ws")
+    """The kiosk page and its WebSocket (docs/kiosk.md)."""
 
-
-def _mqtt_url(v: str) -> str | None:
-    """ "" (off) or a URL mqtt.parse_url accepts (it imports no MQTT library)."""
-    if v == "" or "@" in v:
-        return None  # credentials in the URL: the daemon refuses it without echoing them
-    from pttd.frontends.mqtt import MqttError, parse_url
-
-    try:
-        parse_url(v)
-    except MqttError as exc:
-        return str(exc).split(": ", 1)[-1]
-    return None
-
-
-def _topic_level(v: str) -> str | None:
-    return "must not contain '/', '+' or '#'" if any(c in v for c in "/+#\0") else None
+    listen: str = _key("", checks.listen_address)
+    """E.g. `"127.0.0.1:8766"` (`[::1]:8766` for IPv6; `0.0.0.0:8766` = all interfaces): the
+    kiosk page at `/` and its WebSocket at `/ws`; `""` = off."""
+    token: str = _key("")
+    """When set, every `/ws` client must present it; required when `listen` is not loopback: an
+    IP address in `127.0.0.0/8` or `::1`, or `localhost` (any other host name is not loopback).
+    Without it a loopback kiosk is open to every local program and user."""
+    allowed_origins: list = _key([], checks.origin_list)
+    """Extra browser origins allowed on `/ws`, e.g. `["http://localhost:3000"]`."""
 
 
 @dataclass(frozen=True)
 class MqttConfig:
-    url: str = _opt("", _mqtt_url, 'mqtt://host[:1883] or mqtts://host[:8883]; "" = off')
-    device_id: str = _opt("", _topic_level, 'topic level pttd/<device_id>/...; "" = hostname')
-    username: str = _opt("")
-    password_file: str = _opt("", None, "file holding the broker password (needs username)")
-    publish_partials: bool = _opt(False, None, "also publish partials (QoS 0)")
-    ha_discovery: bool = _opt(False, None, "Home Assistant discovery: sensor + button")
-    keepalive_s: int = _opt(30, _between(5, 3600), "the broker sends the will after 1.5x this")
+    """An MQTT broker pttd publishes to and takes commands from (docs/typing-and-mqtt.md)."""
+
+    url: str = _key("", checks.mqtt_url)
+    """E.g. `"mqtt://broker:1883"` (`mqtts://` for TLS); `""` = off. Credentials never go in the
+    URL (pttd refuses that)."""
+    device_id: str = _key("", checks.topic_level)
+    """Topic prefix `pttd/<device_id>/`; `""` = the hostname."""
+    username: str = _key("")
+    """Broker login (the password only from `password_file`)."""
+    password_file: str = _key("")
+    """A file holding the broker password (needs `username`); never logged."""
+    publish_partials: bool = _key(False)
+    """Also publish partials (QoS 0)."""
+    ha_discovery: bool = _key(False)
+    """Home Assistant discovery: a "Last transcript" sensor and a "Talk" button."""
+    keepalive_s: int = _key(30, between(5, 3600))
+    """MQTT keep-alive: the broker declares pttd gone after 1.5 × this without traffic."""
 
 
 @dataclass(frozen=True)
 class LocalConfig:
-    phrases: list = _opt([], _str_list)
+    """The offline engine (docs/offline-engine.md)."""
 
-
-def _abs_dir(v: str) -> str | None:
-    return None if v == "" or v.startswith("/") else 'must be an absolute path, or "" (off)'
+    phrases: list = _key([], checks.str_list)
+    """Constrain the offline engine to these phrases (a grammar)."""
 
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    dir: str = _opt(
-        "/var/lib/pttd/spool",
-        _abs_dir,
-        'presses waiting for the network survive restarts; "" = memory only',
-    )
-    max_mb: float = _opt(
-        64.0, _between(0.01, 1048576), "the oldest waiting press is dropped past it"
-    )
-    max_age_h: float = _opt(24.0, _between(0.01, 8760), "older waiting presses are dropped")
+    """Presses waiting for the network, kept on disk: how and when,
+    docs/architecture.md#the-spool-nothing-lost-across-restarts."""
+
+    dir: str = _key("/var/lib/pttd/spool", checks.absolute_dir)
+    """Presses waiting for the network are kept here and survive a restart or a power cut;
+    `""` = memory only. The default is used where `/var/lib/pttd` exists (the unit's
+    `StateDirectory=`); elsewhere (`pttd run` by hand) waiting presses stay in memory. A
+    directory set here that cannot be made or written is exit 2 naming `spool.dir`."""
+    max_mb: float = _key(64.0, between(0.01, 1048576))
+    """The spool's size; past it the oldest waiting press is dropped: an `error` event with its
+    `press_id`, naming its file."""
+    max_age_h: float = _key(24.0, between(0.01, 8760))
+    """A press that has waited longer is dropped (an `error` event with its `press_id`)."""
 
 
 @dataclass(frozen=True)
@@ -326,23 +339,7 @@ SECTIONS: dict[str, type] = {
     "spool": SpoolConfig,
 }
 
-# Query parameters that pttd sets itself; passing them through [stt] params would fight it.
-_OWN_PARAMS = {
-    "speech_model": "stt.speech_model",
-    "format_turns": "stt.format_turns",
-    "sample_rate": "audio.sample_rate",
-    "encoding": "(always pcm_s16le)",
-    "token": "(use stt.token_url)",
-}
-
-
 # --- loading -------------------------------------------------------------------------------------
-
-
-def config_path(explicit: str | None, environ: dict | None = None) -> str:
-    """The contract's order: ``-c``, else ``$PTTD_CONFIG``, else /etc/pttd/pttd.toml."""
-    environ = os.environ if environ is None else environ
-    return explicit or environ.get("PTTD_CONFIG") or DEFAULT_PATH
 
 
 def load_config(
@@ -351,74 +348,16 @@ def load_config(
     """Read and validate a TOML file; ``path=None`` gives the defaults."""
     if path is None:
         return from_dict({}, environ=environ)
-    data = _read_toml(path, require_file)
+    data = read_toml(path, require_file)
     try:
         return from_dict(data, path=path, environ=environ)
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 
 
-MAX_FILE_BYTES = 1 << 20
-"""The largest config or secret file read (a bigger one is a mistake: -c /var/log/syslog)."""
-
-
-def _read_toml(path: str, require_file: bool) -> dict:
-    """The parsed file; any problem reading it is a ConfigError naming it (``{}`` for a missing
-    file that is not required)."""
-    try:
-        text = read_text_file(path, "config file")
-    except FileNotFoundError:
-        if require_file:
-            raise ConfigError(
-                f"config file {path} not found (pass -c FILE or set PTTD_CONFIG)"
-            ) from None
-        return {}
-    try:
-        return tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
-
-
-def read_text_file(path: str | os.PathLike, what: str, limit: int = MAX_FILE_BYTES) -> str:
-    """The UTF-8 text of a small regular file. Every way of failing is a :class:`ConfigError`
-    reading ``"<what> <path> ..."`` (``what``: "config file", "stt.api_key_file:", ...), except
-    a missing file, which raises FileNotFoundError for the caller to word. A FIFO or a device
-    is refused without blocking on it or reading it forever; the content is never quoted (it
-    may be a secret)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: {_os_reason(exc)}") from None
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
-        os.close(fd)
-        if stat.S_ISDIR(kind):
-            raise ConfigError(f"{what} {path} is a directory, not a file")
-        raise ConfigError(f"{what} {path} is not a regular file")
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            data = fh.read(limit + 1)
-        except OSError as exc:
-            raise ConfigError(f"{what} {path}: cannot read it: {_os_reason(exc)}") from None
-    if len(data) > limit:
-        raise ConfigError(f"{what} {path} is larger than {limit // 1024} KiB")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{what} {path} is not valid UTF-8 (at byte {exc.start}); save it as UTF-8"
-        ) from None
-
-
-def _os_reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).lower()
-
-
 def from_dict(data: dict, path: str = "", environ: dict | None = None) -> Config:
     """Validate a parsed TOML document (also used by ``pttd demo`` for its embedded config)."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
@@ -429,11 +368,11 @@ def from_dict(data: dict, path: str = "", environ: dict | None = None) -> Config
             raise ConfigError(f"{name} must be a table ([{name}])")
         sections[name] = _build_section(name, cls, table)
     cfg = Config(**sections, path=path)
-    _cross_checks(cfg)
+    check_across_keys(cfg)
     if cfg.stt.token_url:  # fleet mode: no key on the device, ever
-        _check_token_mode(cfg.stt)
+        check_token_mode(cfg.stt)
         return cfg
-    stt = dataclasses.replace(cfg.stt, api_key=resolve_api_key(cfg.stt, environ, path))
+    stt = dataclasses.replace(cfg.stt, api_key=resolve_api_key(cfg.stt, env, path))
     return dataclasses.replace(cfg, stt=stt)
 
 
@@ -449,7 +388,7 @@ def _build_section(name: str, cls: type, table: dict) -> Any:
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
-    expected = _TYPE_NAMES[f.type]
+    expected = _TYPE_NAMES[str(f.type)]
     if expected is Secret:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string")
@@ -485,127 +424,3 @@ _ARTICLE = {
     dict: "a table",
     Secret: "a string",
 }
-
-
-def _cross_checks(cfg: Config) -> None:
-    a = cfg.audio
-    if a.channel >= a.capture_channels:
-        raise ConfigError(
-            f"audio.channel = {a.channel}: capture_channels is {a.capture_channels}, "
-            f"so channel must be 0{' or 1' if a.capture_channels == 2 else ''}"
-        )
-    if a.source == "wav" and not a.wav:
-        raise ConfigError('audio.wav must name a WAV file when audio.source = "wav"')
-    if a.preroll_ms + a.postroll_ms >= a.ring_seconds * 1000 // 2:
-        raise ConfigError("audio.preroll_ms + postroll_ms must be under half of ring_seconds")
-    want = {"led": 1, "pwm": 1, "rgb": 3}.get(cfg.leds.kind)
-    if want is not None and len(cfg.leds.pins) != want:
-        raise ConfigError(
-            f"leds.pins must list {want} pin{'s' if want > 1 else ''} "
-            f"for kind = {cfg.leds.kind!r}, got {cfg.leds.pins}"
-        )
-    _check_led_patterns(cfg.leds)
-    for p, owner in _OWN_PARAMS.items():
-        if p in cfg.stt.params:
-            raise ConfigError(f"stt.params.{p}: set {owner} instead")
-    for p, v in cfg.stt.params.items():
-        if not isinstance(v, (str, int, float, bool, list, dict)):
-            raise ConfigError(f"stt.params.{p} has an unsupported type {type(v).__name__}")
-    if cfg.kiosk.listen and not _is_loopback(cfg.kiosk.listen) and not cfg.kiosk.token:
-        raise ConfigError("kiosk.token is required when kiosk.listen is not a loopback address")
-
-
-def _check_led_patterns(leds: LedsConfig) -> None:
-    from pttd.events import State
-
-    states = {s.value for s in State}
-    for state, pattern in leds.patterns.items():
-        if state not in states:
-            raise ConfigError(
-                f"leds.patterns.{state}: unknown state (known: {', '.join(sorted(states))})"
-            )
-        if not isinstance(pattern, str):
-            raise ConfigError(f"leds.patterns.{state} must be a string")
-        try:
-            from pttd.frontends.peripherals import parse_pattern
-        except ImportError:  # pragma: no cover - peripherals always ships with the package
-            return
-        try:
-            parse_pattern(leds.kind, pattern)
-        except ValueError as exc:
-            raise ConfigError(f"leds.patterns.{state} = {pattern!r}: {exc}") from None
-
-
-def _is_loopback(listen: str) -> bool:
-    """Whether HOST of ``HOST:PORT`` is a loopback address, decided on the parsed address: a
-    host name is not loopback (whatever it resolves to), except ``localhost``."""
-    host = listen.rpartition(":")[0].strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a name, "" (every interface) or garbage
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
-
-
-def _check_token_mode(stt: SttConfig) -> None:
-    if stt.api_key or stt.api_key_file:
-        raise ConfigError(
-            "stt.token_url is set: remove stt.api_key / stt.api_key_file "
-            "(in fleet mode the key stays on the token broker)"
-        )
-    if stt.url == "local":
-        raise ConfigError('stt.token_url needs a cloud stt.url, not "local"')
-    if stt.token_auth_file:
-        try:
-            secret = read_text_file(stt.token_auth_file, "stt.token_auth_file").strip()
-        except FileNotFoundError:
-            raise ConfigError(f"stt.token_auth_file: {stt.token_auth_file} not found") from None
-        if not secret:
-            raise ConfigError(f"stt.token_auth_file: {stt.token_auth_file} is empty")
-
-
-def resolve_api_key(stt: SttConfig, environ: dict, path: str = "") -> Secret:
-    """The key from api_key, api_key_file, $ASSEMBLYAI_API_KEY or the systemd credential."""
-    if stt.api_key:
-        return stt.api_key
-    if stt.api_key_file:
-        return _read_key(Path(stt.api_key_file), "stt.api_key_file")
-    if environ.get("ASSEMBLYAI_API_KEY", "").strip():
-        return Secret(environ["ASSEMBLYAI_API_KEY"].strip(), origin="$ASSEMBLYAI_API_KEY")
-    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / CREDENTIAL_NAME).exists():
-        # the shipped tmpfiles snippet creates /etc/pttd/api-key empty: that means "no key yet"
-        return _read_key(
-            Path(cred_dir) / CREDENTIAL_NAME, f"credential {CREDENTIAL_NAME}", allow_empty=True
-        )
-    # `pttd check` run by hand (outside the unit) finds the key where the installer put it
-    if os.access(DEFAULT_KEY_FILE, os.R_OK):
-        return _read_key(Path(DEFAULT_KEY_FILE), DEFAULT_KEY_FILE, allow_empty=True)
-    return Secret("", origin="")
-
-
-def _read_key(path: Path, origin: str, allow_empty: bool = False) -> Secret:
-    try:
-        value = read_text_file(path, f"{origin}:").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"{origin}: {path} not found") from None
-    if not value and not allow_empty:
-        raise ConfigError(f"{origin}: {path} is empty")
-    return Secret(value, origin=origin)
-
-
-def require_api_key(cfg: Config) -> None:
-    """A cloud URL needs a key; say where one can go (without ever showing one)."""
-    if cfg.is_local or cfg.stt.api_key or cfg.stt.token_url:
-        return
-    raise ConfigError(
-        "no AssemblyAI API key: set stt.api_key_file (or stt.api_key), "
-        "$ASSEMBLYAI_API_KEY, or the systemd credential "
-        f"{CREDENTIAL_NAME} (/etc/pttd/api-key with the shipped unit); "
-        'or use url = "local" for the offline engine'
-    )

@@ -8,6 +8,9 @@ and exits 2, in one place (``cli.main``), never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class PttdError(Exception):
     """The root of every exception pttd raises on purpose."""
@@ -27,3 +30,13 @@ class StartupError(UserError, RuntimeError):
 
 class UsageError(UserError, ValueError):
     """A bad command line."""
+
+
+@contextlib.contextmanager
+def startup_error(*kinds: type[Exception], prefix: str = "") -> Iterator[None]:
+    """Re-raise a part's own errors of ``kinds`` as the StartupError the CLI prints (exit 2):
+    the part's module stays free of CLI policy, the wiring says which errors the user must fix."""
+    try:
+        yield
+    except kinds as exc:
+        raise StartupError(f"{prefix}{exc}") from None

@@ -1,4 +1,4 @@
-"""The event vocabulary of the interface contract (design.md, "Events").
+"""The event vocabulary of the interface contract (docs/contract.md, "Events").
 
 Every output (stdout, journald, control-socket subscribers, kiosk, MQTT) receives the same
 plain dicts built here, so the wire shape lives in one place.
@@ -71,7 +71,7 @@ def final_event(
     ts: float | None = None,
     **extra,
 ) -> dict:
-    """A delivered final turn. ``extra`` carries compatible additions (e.g. ``late``, ``gap_ms``)."""
+    """A delivered final turn; ``extra`` carries compatible additions (``late``, ``gap_ms``)."""
     event = {
         "event": EventKind.FINAL.value,
         "text": text,

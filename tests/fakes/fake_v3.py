@@ -1,4 +1,5 @@
-"""The fake AssemblyAI v3 server used by the tests: the real server core plus a scripted recognizer.
+"""The fake AssemblyAI v3 server used by the tests: a scripted recognizer behind the fake server
+core (tests/fakes/fake_server.py: the runtime v3 server with faults and records).
 
 ``ScriptedRecognizer`` hears speech with an energy VAD (RMS over 20 ms windows) and "recognizes"
 the next text from a script, so tests control exactly what comes back while the server core
@@ -21,20 +22,16 @@ import logging
 import math
 import threading
 from array import array
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import pytest
 
-from pttd.local.server import (
-    Faults,
-    HypWord,
-    Hypothesis,
-    RecognizerEvent,
-    ServerOptions,
-    ServerThread,
-    SessionConfig,
-    SpeechOnset,
-)
+from pttd.local.options import ServerOptions
+from pttd.local.recognizer import Hypothesis, HypWord, RecognizerEvent, SessionConfig, SpeechOnset
+from pttd.local.server import ServerThread
+from tests.fakes.fake_server import FakeControls, FakeOptions, FakeServer
+from tests.fakes.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +183,17 @@ class ScriptedRecognizer:
         return Hypothesis(words, end_of_turn=True, end_of_turn_confidence=confidence)
 
 
-class FakeV3Server(ServerThread):
+class FakeV3Server(FakeControls, ServerThread):
     """A started-on-enter v3 server with a :class:`ScriptedRecognizer` per session.
 
     ``model_mode``: None shapes turns by the client's ``speech_model`` (faithful); "us" or "u3"
-    forces that shaping. ``format_pattern``: "A" or "B" (§4.3). ``faults``: one :class:`Faults`
-    for every connection, or a sequence used one per connection attempt (then no faults).
-    Any other keyword is a :class:`ServerOptions` field.
+    forces that shaping. ``format_pattern``: "A" or "B" (unformatted final + formatted copy, or
+    every Turn formatted). ``faults``: one :class:`Faults` for every connection, or a sequence
+    used one per connection attempt (then no faults). Any other keyword is a
+    :class:`~tests.fakes.fake_server.FakeOptions` field.
     """
+
+    server_class = FakeServer
 
     def __init__(self, script: Sequence[str] = ("hello world",), *,
                  model_mode: str | None = None, format_pattern: str = "A",
@@ -204,7 +204,7 @@ class FakeV3Server(ServerThread):
                  **option_fields: Any) -> None:
         if model_mode not in (None, "us", "u3"):
             raise ValueError(f"model_mode must be None, 'us' or 'u3', not {model_mode!r}")
-        base = options or ServerOptions()
+        base = FakeOptions.of(options)
         fields = dict(option_fields, format_pattern=format_pattern,
                       model_family_override=model_mode)
         options = dataclasses.replace(base, **fields)
@@ -212,7 +212,8 @@ class FakeV3Server(ServerThread):
         self.recognizers: list[ScriptedRecognizer] = []
         self._ms_per_word = ms_per_word
         self._rms_threshold = rms_threshold
-        super().__init__(options, self._make_recognizer, faults)
+        super().__init__(options, self._make_recognizer)
+        self.server.use_faults(faults)
 
     def _make_recognizer(self, config: SessionConfig) -> ScriptedRecognizer:
         recognizer = ScriptedRecognizer(config, self.cursor, ms_per_word=self._ms_per_word,

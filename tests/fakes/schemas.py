@@ -4,9 +4,9 @@ Which message types exist, and in which direction, is read from the spec itself:
 ``components.messages`` entry whose payload has a ``type`` const, with the direction taken from
 the ``operations`` (``send`` = client to server, ``receive`` = server to client).
 
-The specs lack several messages the service really sends or accepts (research §3.5, §3.6,
-§2.2). Those are validated against the small supplemental schemas below, kept apart and named
-as such so nobody mistakes them for AssemblyAI's:
+The specs lack several messages the service really sends or accepts (AssemblyAI's docs
+describe them). Those are validated against the small supplemental schemas below, kept apart
+and named as such so nobody mistakes them for AssemblyAI's:
 
 * server to client, missing from both specs: Error, Warning, Heartbeat, SpeakerRevision,
   LLMGatewayResponse; SpeechStarted is only in the U3 spec (US models never send it).
@@ -33,7 +33,7 @@ _WORD = {
                    "word_is_final": {"type": "boolean"}, "speaker": {"type": "string"}},
 }
 
-#: Supplemental schemas for messages the specs do not describe (shapes from research §3.5-3.6).
+#: Supplemental schemas for messages the specs do not describe (shapes from AssemblyAI's docs).
 SUPPLEMENTAL_SERVER: dict[str, dict] = {
     "Error": {
         "type": "object", "required": ["type", "error_code", "error"],
@@ -137,7 +137,7 @@ class SpecValidator:
             message)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validator(family: str = "us") -> SpecValidator:
     """The cached validator for a model family ("us" or "u3")."""
     return SpecValidator(SPEC_DIR / SPEC_FILES[family])

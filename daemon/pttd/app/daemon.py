@@ -1,40 +1,67 @@
 """``pttd run``: wires config → capture → controller → outputs, and stops it all cleanly.
 
-Start order follows the contract: capture first (a WAV source starts playing), then the
-control socket, and READY=1 only once the mic has delivered audio. No session is opened until
-the first press. Stop order is the reverse, each part joined with a timeout, all within 5 s.
+Start order follows the interface contract (docs/contract.md): capture first (a WAV source
+starts playing), then the control socket, and READY=1 only once the mic has delivered audio.
+No session is opened until the first press. Every part is registered in ``parts`` the moment
+it starts; shutdown stops them in reverse order (parts.py), each bounded, all within 5 s.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pttd.app.service import StopRequest
-from pttd.config import Config, require_api_key
+from pttd.app.parts import Parts
+from pttd.app.service import Notifier, StopRequest, Watchdog, install_stop_signals, status_text
+from pttd.app.sessions import SessionFactory
+from pttd.app.sinks import OutputSinks, build_sinks
+from pttd.config import Config
+from pttd.config_files import require_api_key
 from pttd.core.controller import Command, Controller, Settings
-from pttd.errors import StartupError
+from pttd.errors import startup_error
 from pttd.events import State
-from pttd.stt.assemblyai import protocol
-from pttd.stt.assemblyai.session import Session
+from pttd.outputs.fanout import Outputs, Sink
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pttd.audio.alsa import AlsaSource
+    from pttd.audio.capture import WavSource
+    from pttd.audio.ring import RingBuffer
+    from pttd.frontends.control.server import ControlServer
+    from pttd.frontends.peripherals import ButtonInput, LedThread
 
-READY_TIMEOUT_S = 10.0
+#: the controller's own stop waits up to 3 s for the last final, and joins its thread after
+CONTROLLER_STOP_S = 4.0
+#: the outputs deliver what is queued (2 s), then close each sink (kiosk, MQTT: ~2.5 s each)
+OUTPUTS_STOP_S = 8.0
 
 
-@dataclass
 class Daemon:
-    """The assembled parts; ``run()`` blocks until ``request_stop()``."""
+    """The assembled parts: ``build()``, ``start()``, ``run()`` until ``request_stop()``,
+    then ``shutdown()``."""
 
-    cfg: Config
-    extra_sinks: list = field(default_factory=list)
-    url_override: str | None = None
-    _stop: StopRequest = field(default_factory=StopRequest)
-    _parts: list = field(default_factory=list)
+    # made by build()
+    ring: RingBuffer
+    sinks: OutputSinks
+    outputs: Outputs
+    source: WavSource | AlsaSource
+    sessions: SessionFactory
+    controller: Controller
+    # started by start()
+    pin_factory: object
+    button: ButtonInput
+    control: ControlServer
+    watchdog: Watchdog
+
+    def __init__(
+        self, cfg: Config, extra_sinks: list[Sink] | None = None, url_override: str | None = None
+    ):
+        self.cfg = cfg
+        self.extra_sinks = list(extra_sinks or [])
+        self.url_override = url_override
+        self.parts = Parts()
+        self.notifier = Notifier()
+        self.leds: LedThread | None = None
+        self._stop = StopRequest()
+        self._shut_down = False
 
     def request_stop(self, *_args) -> None:
         """Signal-safe and callable from any thread: a flag and one byte on a pipe that
@@ -44,275 +71,176 @@ class Daemon:
     # --- assembly ------------------------------------------------------------------------------
 
     def build(self) -> None:
-        from pttd.app.service import Notifier
-        from pttd.audio.capture import AudioError, RingBuffer
-        from pttd.outputs.fanout import JournalSink, Outputs, StdoutSink, journal_stream_matches
-
-        cfg = self.cfg
-        if self.url_override is None and not cfg.is_local:
-            require_api_key(cfg)
-        a = cfg.audio
-        self.ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
-        self.notifier = Notifier()
-        stdout = cfg.output.stdout
-        if stdout == "text" and cfg.output.journal and journal_stream_matches(sys.stdout):
-            stdout = "none"  # under systemd stdout is the journal: don't record each final twice
-        sinks = [StdoutSink(stdout)] + list(self.extra_sinks)
-        if cfg.output.journal:
-            sinks.append(JournalSink(cfg.stt.speech_model))
-        self.control_sink = _LateSink()
-        sinks.append(self.control_sink)
-        sinks += self._kiosk_and_hook_sinks()
-        sinks += self._typing_and_mqtt_sinks()
-        self.outputs = Outputs(sinks)
-        try:
-            self.source = self._make_source()
-        except AudioError as exc:
-            raise StartupError(str(exc)) from None
+        """Make the parts from the config (only the outputs' workers run yet); StartupError or
+        ConfigError for what the user must fix."""
+        from pttd.audio.convert import AudioError
+        from pttd.audio.record import make_source
+        from pttd.audio.ring import RingBuffer
         from pttd.core.spool import SpoolError, open_spool
 
-        try:
+        cfg, a = self.cfg, self.cfg.audio
+        if self.url_override is None and not cfg.is_local:
+            require_api_key(cfg)
+        self.ring = RingBuffer(a.ring_seconds * a.sample_rate, a.sample_rate)
+        self.sinks = build_sinks(cfg, self.extra_sinks, self._command, self._waiting)
+        self.outputs = Outputs(self.sinks.all)
+        self.parts.register("outputs", self.outputs.close, timeout_s=OUTPUTS_STOP_S)
+        with startup_error(AudioError):
+            self.source = make_source(cfg, self.ring, on_status=self._on_source_status)
+        with startup_error(SpoolError):
             spool = open_spool(cfg.spool)  # presses waiting for the network survive restarts
-        except SpoolError as exc:
-            raise StartupError(str(exc)) from None
+        self.sessions = SessionFactory(cfg, self.url_override or cfg.stt.url)
         self.controller = Controller(
             ring=self.ring,
-            settings=self._settings(),
-            session_factory=self._new_session,
+            settings=controller_settings(cfg),
+            session_factory=self.sessions,
             emit=self.outputs.emit,
             emit_confirmed=self.outputs.emit,
             on_state=self._on_state,
             spool=spool,
         )
 
-    def _settings(self) -> Settings:
-        a = self.cfg.audio
-        return Settings(
-            sample_rate=a.sample_rate,
-            chunk_ms=a.chunk_ms,
-            preroll_ms=a.preroll_ms,
-            postroll_ms=a.postroll_ms,
-            keep_warm_s=self.cfg.stt.keep_warm_s,
-            sessions_per_minute=self.cfg.stt.sessions_per_minute,
-            session_budget=not self.cfg.is_local,
-            button_mode=self.cfg.button.mode,
-            fallback=self.cfg.stt.fallback == "local" and not self.cfg.is_local,
-            fallback_retry_s=self.cfg.stt.fallback_retry_s,
-        )
+    # --- callbacks: each only hands over (to the controller's queue, the LED thread) -------------
 
-    def _make_source(self):
-        from pttd.audio.record import make_source
+    def _command(self, name: str, source: str) -> dict:
+        """A kiosk or MQTT command: bound before the controller exists, called once it runs."""
+        return self.controller.command(name, source)
 
-        return make_source(self.cfg, self.ring, on_status=self._on_source_status)
+    def _waiting(self) -> dict:
+        return self.controller.waiting
 
-    def _new_session(self, on_event: Callable, engine: str = "cloud") -> Session:
-        stt = self.cfg.stt
-        base = self.local_url if engine == "local" else (self.url_override or stt.url)
-        u3 = protocol.is_u3(stt.speech_model)
-        # U3 Pro models always format and the migration guide says not to send format_turns
-        url = protocol.build_url(
-            base,
-            stt.speech_model,
-            self.cfg.audio.sample_rate,
-            None if u3 else stt.format_turns,
-            stt.params,
-        )
-        if engine == "local" or not stt.token_url:
-            return Session(
-                url,
-                stt.api_key,
-                on_event=on_event,
-                sample_rate=self.cfg.audio.sample_rate,
-                format_turns=stt.format_turns and not u3,
-            )
-        # fleet mode: the session fetches its one-use token on its own thread (never here)
-        tokens = getattr(self, "_tokens", None)
-        if tokens is None:
-            from pttd.stt.assemblyai.tokens import TokenSource
+    def _button_pressed(self) -> None:
+        self.controller.post(Command("press", "button"))
 
-            tokens = self._tokens = TokenSource(stt.token_url, stt.token_auth_file)
-        return Session(
-            tokens.provider(url),
-            stt.api_key,
-            on_event=on_event,
-            sample_rate=self.cfg.audio.sample_rate,
-            format_turns=stt.format_turns and not u3,
-            credential_id=tokens.credential_id,
-        )
+    def _button_released(self) -> None:
+        self.controller.post(Command("release", "button"))
 
     def _on_source_status(self, kind: str, message: str) -> None:
-        controller = getattr(self, "controller", None)
-        if controller is not None:
-            controller.on_source_status(kind, message)
+        self.controller.on_source_status(kind, message)
 
     def _on_state(self, state: State, detail: str) -> None:
-        from pttd.app.service import status_text
-
         self.notifier.status(status_text(state, detail))
-        leds = getattr(self, "leds", None)
-        if leds is not None:
-            leds.show(state)  # only hands the state to the LED thread
+        if self.leds is not None:
+            self.leds.show(state)  # only hands the state to the LED thread
 
-    # --- running -------------------------------------------------------------------------------
+    # --- starting: each part registers its stop as soon as it runs --------------------------------
 
     def start(self) -> None:
-        """Start everything in contract order; StartupError for what the user must fix."""
-        from pttd.app.service import Watchdog
-        from pttd.frontends.control import ControlError, ControlServer
+        """Start every part, each registered as it runs; StartupError for what the user must fix.
+
+        They stop in the reverse order. What gives the controller commands (the kiosk's and
+        MQTT's commands, the button) starts after it, so it stops first: no new turn begins
+        while the controller finishes the last one. Capture and the control socket start
+        before it, so they stop after it: the turn has its audio and its final reaches the
+        subscribers. The outputs, made by build(), stop last (journald, kiosk pages, MQTT).
+        """
+        self._start_offline_engine()
+        self.source.start()
+        self.parts.register("capture", self.source.stop)
+        self._start_leds()
+        self.watchdog = Watchdog(self.notifier, progress=self._capture_progress).start()
+        self.parts.register("watchdog", self.watchdog.stop)
+        self._start_control_socket()
+        # LEDs first: the controller's state changes reach them from here on, and their first
+        # draw cannot overwrite a newer one. Commands sent before now wait in its queue.
+        self.controller.start()
+        self.parts.register("controller", self.controller.stop, timeout_s=CONTROLLER_STOP_S)
+        self._start_kiosk_commands()
+        self._start_mqtt_commands()
+        self._start_button()
+
+    def _start_offline_engine(self) -> None:
+        """``url = "local"``, or ``fallback = "local"``: the offline engine, in-process."""
+        from pttd.app.offline import start_offline_engine
+
+        cfg = self.cfg
+        what = 'stt.url = "local"' if cfg.is_local else 'stt.fallback = "local"'
+        if cfg.is_local and self.url_override is None:
+            engine = start_offline_engine(cfg, what)
+            self.sessions.url = engine.url
+        elif cfg.stt.fallback == "local":
+            engine = start_offline_engine(cfg, what)
+            self.sessions.fallback_url = engine.url
+        else:
+            return
+        self.parts.register("engine", engine.stop)
+
+    def _capture_progress(self) -> int:
+        return self.source.progress
+
+    def _start_leds(self) -> None:
         from pttd.frontends.peripherals import (
-            ButtonInput,
             LedThread,
             PeripheralError,
             StatusLeds,
             make_pin_factory,
         )
 
-        cfg = self.cfg
-        if cfg.is_local and self.url_override is None:
-            self.url_override = self._start_local_engine()
-        elif cfg.stt.fallback == "local":
-            self.local_url = self._start_local_engine()
-        self.source.start()
-        self._parts.append(("capture", self.source.stop))
-        try:
-            factory = make_pin_factory(cfg.gpio.pin_factory)
+        leds = self.cfg.leds
+        with startup_error(PeripheralError, ValueError, prefix="GPIO: "):
+            self.pin_factory = make_pin_factory(self.cfg.gpio.pin_factory)
             self.leds = LedThread(
                 StatusLeds(
-                    kind=cfg.leds.kind,
-                    pins=list(cfg.leds.pins),
-                    active_high=cfg.leds.active_high,
-                    patterns=dict(cfg.leds.patterns),
-                    pin_factory=factory,
+                    kind=leds.kind,
+                    pins=list(leds.pins),
+                    active_high=leds.active_high,
+                    patterns=dict(leds.patterns),
+                    pin_factory=self.pin_factory,
                 )
             )
-            self.leds.start()
-            self._parts.append(("leds", self.leds.close))
-            self.leds.show(self.controller.state)
-            self.button = ButtonInput(
-                pin=cfg.button.pin,
-                pull_up=cfg.button.pull_up,
-                bounce_ms=cfg.button.bounce_ms,
-                on_press=lambda: self.controller.post(Command("press", "button")),
-                on_release=lambda: self.controller.post(Command("release", "button")),
-                pin_factory=factory,
-            )
-            self._parts.append(("button", self.button.close))
-        except (PeripheralError, ValueError) as exc:
-            raise StartupError(f"GPIO: {exc}") from None
-        # Only now: its state changes reach the LED thread from here on, and the first draw
-        # above cannot overwrite a newer one. Button presses before this wait in its queue.
-        self.controller.start()
-        self._parts.append(("controller", self.controller.stop))
-        self.control = ControlServer(cfg.control.socket, self.controller.command)
-        try:
+        self.leds.start()
+        self.parts.register("leds", self.leds.close)
+        self.leds.show(self.controller.state)
+
+    def _start_control_socket(self) -> None:
+        from pttd.frontends.control.protocol import ControlError
+        from pttd.frontends.control.server import ControlServer
+
+        self.control = ControlServer(self.cfg.control.socket, self.controller.command)
+        with startup_error(ControlError):
             self.control.start()
-        except ControlError as exc:
-            raise StartupError(str(exc)) from None
-        self._parts.append(("control", self.control.stop))
-        self.control_sink.target = self.control.publish
-        if self.kiosk is not None:
-            self._start_kiosk()
-        if self.mqtt is not None:
-            self._start_mqtt()
-        self.watchdog = Watchdog(self.notifier, progress=lambda: self.source.progress)
-        self.watchdog.start()
-        self._parts.append(("watchdog", self.watchdog.stop))
+        self.parts.register("control", self.control.stop)
+        self.sinks.control.target = self.control.publish
 
-    # --- kiosk endpoint and hook command: both are output sinks ------------------------------------
+    def _start_kiosk_commands(self) -> None:
+        """The kiosk server is a sink: it closes with the outputs (the last final still reaches
+        the pages). Its part here only stops its commands, early, like the button."""
+        kiosk = self.sinks.kiosk
+        if kiosk is None:
+            return
+        from pttd.frontends.kiosk_http import KioskError
 
-    def _kiosk_and_hook_sinks(self) -> list:
-        """The hook runs per final; the kiosk mirrors every event (it also takes commands)."""
-        import shutil
+        with startup_error(KioskError):
+            kiosk.start()
+        self.parts.register("kiosk", kiosk.stop_commands)
 
-        out, k = self.cfg.output, self.cfg.kiosk
-        sinks: list = []
-        if out.hook:
-            from pttd.outputs.hook import HookSink
-
-            if shutil.which(out.hook[0]) is None:
-                raise StartupError(f"output.hook: {out.hook[0]} is not an executable program")
-            sinks.append(HookSink(out.hook, out.hook_timeout_s, out.hook_retries))
-        self.kiosk = None
-        if k.listen:
-            from pttd.frontends.kiosk import (
-                KioskError,
-                KioskServer,
-            )  # asyncio + websockets: only when used
-
-            try:
-                self.kiosk = KioskServer(
-                    k.listen,
-                    lambda cmd: self.controller.command(cmd, "kiosk"),
-                    token=k.token,
-                    allowed_origins=k.allowed_origins,
-                    status=lambda: self.controller.waiting,
-                )
-            except KioskError as exc:
-                raise StartupError(str(exc)) from None
-            sinks.append(self.kiosk)
-        return sinks
-
-    def _start_kiosk(self) -> None:
-        """Its server closes with the outputs (so the last final reaches the page); the "kiosk"
-        part only stops its commands, early, like the button."""
-        from pttd.frontends.kiosk import KioskError
-
-        try:
-            self.kiosk.start()
-        except KioskError as exc:
-            raise StartupError(str(exc)) from None
-        self._parts.append(("kiosk", self.kiosk.stop_commands))
-
-    # --- typing and MQTT (issue 10): both are output sinks ------------------------------------------
-
-    def _typing_and_mqtt_sinks(self) -> list:
-        """Built here so a missing library, /dev/uinput or password file stops start-up (exit 2)."""
-        out, sinks = self.cfg.output, []
-        self.mqtt = None
-        if self.cfg.mqtt.url:
-            from pttd.frontends.mqtt import MqttBridge, MqttError
-
-            try:
-                self.mqtt = MqttBridge.from_config(
-                    self.cfg.mqtt, on_command=lambda cmd: self.controller.command(cmd, "mqtt")
-                )
-            except MqttError as exc:
-                raise StartupError(str(exc)) from None
-            sinks.append(self.mqtt)
-        if out.type:
-            from pttd.outputs.keyboard import TypingError, TypingSink
-
-            try:
-                sinks.append(
-                    TypingSink.open(
-                        out.type_layout,
-                        trailing=out.type_trailing,
-                        partials=out.type_partials,
-                        delay_ms=out.type_delay_ms,
-                    )
-                )
-            except TypingError as exc:
-                raise StartupError(str(exc)) from None
-        return sinks
-
-    def _start_mqtt(self) -> None:
+    def _start_mqtt_commands(self) -> None:
         """Connects in the background. Like the kiosk, the connection closes with the outputs
-        (after the last final and the retained "offline" state); the "mqtt" part only stops
-        its commands, early, like the button."""
-        self.mqtt.start()
-        self._parts.append(("mqtt", self.mqtt.stop_commands))
+        (after the last final and the retained "offline" state); its part only stops its
+        commands."""
+        mqtt = self.sinks.mqtt
+        if mqtt is None:
+            return
+        mqtt.start()
+        self.parts.register("mqtt", mqtt.stop_commands)
 
-    local_url: str | None = None
+    def _start_button(self) -> None:
+        """Its callbacks only post to the controller's queue (on gpiozero's thread)."""
+        from pttd.frontends.peripherals import ButtonInput, PeripheralError
 
-    def _start_local_engine(self) -> str:
-        """``url = "local"``: the offline engine in-process, on an ephemeral loopback port."""
-        require_pocketsphinx('stt.url = "local"' if self.cfg.is_local else 'stt.fallback = "local"')
-        from pttd.local.engine import LocalEngine
+        b = self.cfg.button
+        with startup_error(PeripheralError, ValueError, prefix="GPIO: "):
+            self.button = ButtonInput(
+                pin=b.pin,
+                pull_up=b.pull_up,
+                bounce_ms=b.bounce_ms,
+                on_press=self._button_pressed,
+                on_release=self._button_released,
+                pin_factory=self.pin_factory,
+            )
+        self.parts.register("button", self.button.close)
 
-        engine = LocalEngine(phrases=list(self.cfg.local.phrases))
-        engine.start()
-        self._parts.append(("engine", engine.stop))
-        return engine.url
+    # --- running and stopping ------------------------------------------------------------------
 
     def run(self) -> int:
         """Block until stopped; returns the exit code.
@@ -320,7 +248,7 @@ class Daemon:
         Polls only until READY=1, then sleeps without a timeout: nothing else needs the main
         thread (the watchdog has its own thread). It sleeps in ``poll()`` on the stop pipe, into
         which SIGTERM/SIGINT write themselves whichever thread the kernel gave them to (a queue
-        or lock wait here missed those: issue 22).
+        or lock wait here would miss those: see ``StopRequest``).
         """
         ready = False
         with self._stop.watching_signals():
@@ -328,86 +256,44 @@ class Daemon:
                 # READY once the mic delivers audio; a mic that is missing at start still gets
                 # the unit "active" (STATUS=offline: ...) so it stays up and retries instead of
                 # looping
-                if not ready and (
-                    self.source.first_audio.is_set()
-                    or getattr(self.source, "state", "") == "offline"
-                ):
+                if not ready and self._capture_began():
                     ready = True
-                    self.notifier.ready(self._status_now())
+                    state = self.controller.state
+                    self.notifier.ready(status_text(state, self.controller.state_detail))
                 if self._stop.wait(None if ready else 0.05):
                     return 0
 
-    def _status_now(self) -> str:
-        from pttd.app.service import status_text
-
-        return status_text(self.controller.state, self.controller.state_detail)
-
-    # Stop order: no new presses (button, kiosk commands), then let the controller finish the turn
-    # (its final still reaches subscribers, journald and kiosk pages: the kiosk server itself
-    # closes in outputs.close()), then the rest; capture last so the turn has its audio.
-    # "mqtt" stops only MQTT commands; its connection (like the typing keyboard) closes in
-    # outputs.close(), after the sink's worker has delivered the last final.
-    _STOP_ORDER = (
-        "button",
-        "kiosk",
-        "mqtt",
-        "controller",
-        "control",
-        "watchdog",
-        "leds",
-        "capture",
-        "engine",
-    )
+    def _capture_began(self) -> bool:
+        """The mic delivered audio, or is known to be missing (it then retries, offline)."""
+        source = self.source
+        return source.first_audio.is_set() or getattr(source, "state", "") == "offline"
 
     def shutdown(self) -> None:
-        """Stop in a fixed order; every part is joined with a timeout (5 s in all)."""
+        """Stop every running part, last started first (``start`` says why); idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         self.notifier.stopping()
-        parts = dict(self._parts)
-        for name in self._STOP_ORDER:
-            stop = parts.pop(name, None)
-            if stop is None:
-                continue
-            started = time.monotonic()
-            try:
-                stop()
-            except Exception:
-                log.exception("stopping %s failed", name)
-            log.debug("stopped %s in %.0f ms", name, (time.monotonic() - started) * 1000)
-        self._parts.clear()
-        self.outputs.close()
+        self.parts.stop_all()
         self.notifier.close()
         self._stop.close()  # run() has returned: no signal writes to it any more
 
 
-def require_pocketsphinx(what: str) -> None:
-    """StartupError (exit 2, one line) when the offline engine's pocketsphinx is not installed.
-
-    It is the ``[local]`` extra, not a default dependency (README: "The offline engine is an
-    extra", with the measurements), and ``local_engine`` only imports it when a decoder loads:
-    without this check the first session would fail deep inside the engine instead."""
-    try:
-        import pocketsphinx  # noqa: F401  (the engine loads it right after this anyway)
-    except ImportError as exc:
-        raise StartupError(
-            f"{what} needs the offline engine, which is not installed "
-            f"({exc}): pip install 'pttd[local]'"
-        ) from None
-
-
-class _LateSink:
-    """Forwards events to the control socket once it exists (it starts after capture).
-
-    Inline: ``ControlServer.publish`` only queues for the subscribers and wakes its thread."""
-
-    inline = True
-    target: Callable[[dict], None] | None = None
-
-    def emit(self, event: dict) -> None:
-        if self.target is not None:
-            self.target(event)
-
-    def close(self) -> None:
-        self.target = None
+def controller_settings(cfg: Config) -> Settings:
+    """The controller's settings from the config: timings, session budget and fallback."""
+    a, stt = cfg.audio, cfg.stt
+    return Settings(
+        sample_rate=a.sample_rate,
+        chunk_ms=a.chunk_ms,
+        preroll_ms=a.preroll_ms,
+        postroll_ms=a.postroll_ms,
+        keep_warm_s=stt.keep_warm_s,
+        sessions_per_minute=stt.sessions_per_minute,
+        session_budget=not cfg.is_local,
+        button_mode=cfg.button.mode,
+        fallback=stt.fallback == "local" and not cfg.is_local,
+        fallback_retry_s=stt.fallback_retry_s,
+    )
 
 
 def run(
@@ -415,23 +301,16 @@ def run(
     *,
     url_override: str | None = None,
     install_signals: bool = True,
-    extra_sinks: list | None = None,
+    extra_sinks: list[Sink] | None = None,
 ) -> int:
     """Assemble, start, run until SIGTERM/SIGINT, stop. Raises StartupError/ConfigError."""
-    from pttd.app.service import install_stop_signals
-
-    daemon = Daemon(cfg, extra_sinks=extra_sinks or [], url_override=url_override)
-    daemon.build()
+    daemon = Daemon(cfg, extra_sinks=extra_sinks, url_override=url_override)
     restore = install_stop_signals(daemon.request_stop) if install_signals else None
     try:
-        try:
-            daemon.start()
-        except BaseException:
-            daemon.shutdown()
-            raise
-        code = daemon.run()
-        daemon.shutdown()
-        return code
+        daemon.build()
+        daemon.start()
+        return daemon.run()
     finally:
+        daemon.shutdown()
         if restore is not None:
             restore()

@@ -26,15 +26,14 @@ LEAD_MS, GAP_MS, PRESS_EARLY_MS, RELEASE_LATE_MS = 800, 1200, 300, 250
 
 NEXT_STEP = (
     "Next, on a Raspberry Pi with a mic and a button: sudo ./install.sh (from a pttd "
-    "checkout), then your AssemblyAI key in /etc/pttd/api-key; see the README, "
-    '"Install on a Pi".'
+    "checkout), then your AssemblyAI key in /etc/pttd/api-key; see docs/install.md."
 )
 
 
 def run_demo(jsonl: bool = False, out=None) -> int:
     """Exit 0 with every clip's final, 1 if one got none; StartupError (exit 2) without the
     ``[local]`` extra."""
-    from pttd.app.daemon import require_pocketsphinx
+    from pttd.app.offline import require_pocketsphinx
 
     out = out or sys.stdout
     require_pocketsphinx("pttd demo")
@@ -86,7 +85,7 @@ def _pass(url: str, tmp: Path, name: str, clips: list[dict], params: dict, jsonl
     daemon.start()
     try:
         pin = daemon.button.pin
-        for clip, (start_ms, end_ms) in zip(clips, spans):
+        for start_ms, end_ms in spans:
             _wait_audio(daemon, start_ms - PRESS_EARLY_MS)
             pin.drive_low()  # pressed (pull-up: active low)
             _wait_audio(daemon, end_ms + RELEASE_LATE_MS)

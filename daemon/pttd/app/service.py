@@ -137,8 +137,12 @@ class Watchdog:
         return self._notifier.enabled and bool(self.interval_s)
 
     def start(self) -> Watchdog:
-        if self.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pttd-watchdog", daemon=True)
+        """A thread only when systemd watches this process (else nothing to stop)."""
+        interval = self.interval_s
+        if self._notifier.enabled and interval and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, args=(interval,), name="pttd-watchdog", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -148,9 +152,9 @@ class Watchdog:
             self._thread.join(timeout)
             self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, interval: float) -> None:
         last = self._read_progress()
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(interval):
             now = self._read_progress()
             if now is not None and now != last:
                 self._notifier.watchdog()
@@ -161,7 +165,7 @@ class Watchdog:
                 if self.skipped == 1 or self.skipped % 10 == 0:
                     log.warning(
                         "capture made no progress for %.1f s; watchdog not fed",
-                        self.interval_s * self.skipped,
+                        interval * self.skipped,
                     )
                 continue
             self.skipped = 0
@@ -190,7 +194,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def install_stop_signals(callback: Callable[[int], None]) -> Callable[[], None]:
-    """Route SIGTERM and SIGINT to ``callback(signum)``; returns a function restoring the old handlers.
+    """Route SIGTERM and SIGINT to ``callback(signum)``; returns a function that restores them.
 
     Python runs signal handlers on the main thread between bytecodes, so the callback must
     not block: it should only note the request (``StopRequest.request``). And the main thread
@@ -216,7 +220,7 @@ def install_stop_signals(callback: Callable[[int], None]) -> Callable[[], None]:
 class StopRequest:
     """A stop request that the main thread, asleep in ``wait()``, cannot miss.
 
-    Why not a queue or an Event (issue 22): ``kill``/``systemctl stop`` send a process-wide
+    Why not a queue or an Event: ``kill``/``systemctl stop`` send a process-wide
     signal, and the kernel hands it to any thread that does not block it. When that is not the
     main thread, CPython's C-level handler only flags it for the main thread, which runs the
     Python handler the next time it executes bytecode: never, while it sleeps in a lock, queue

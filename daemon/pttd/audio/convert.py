@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pttd.errors import PttdError
+
+if TYPE_CHECKING:  # numpy is loaded only when a converter needs it
+    from pttd.audio.dsp import LevelMeter
 
 FORMATS = {"S16_LE": "<i2", "S32_LE": "<i4"}  # numpy dtype strings
 SAMPLE_BYTES = {"S16_LE": 2, "S32_LE": 4}
@@ -30,8 +36,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class AudioError(Exception):
-    """A user-facing audio problem; the message says what to fix."""
+class AudioError(PttdError):
+    """An audio problem the user can act on; the message says what to fix. (Not a UserError:
+    each command decides what it means for its exit status.)"""
 
 
 def dbfs(value: float, full_scale: float = 32768.0) -> float:
@@ -136,7 +143,7 @@ class Converter:
             self._chain = Chain(
                 in_format, in_channels, in_rate, channel, self.gain, out_rate, highpass_hz
             )
-        self._meter = None  # a dsp.LevelMeter while metering; set from another thread
+        self._meter: LevelMeter | None = None  # while metering; set from another thread
         self.clipped_samples = 0
         self._carry = b""
         self.meter_levels(levels)

@@ -18,7 +18,7 @@ devices sharing the account come and go).
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 WINDOW_S = 60.0
 # before anything is known, sessions are kept warm (never held back) at this many a minute:
@@ -38,21 +38,21 @@ class SessionBudget:
 
         self.configured = limit
         self._clock = clock or time.monotonic
-        self._opened: collections.deque[tuple[float, Hashable]] = collections.deque()
+        self._opened: collections.deque[tuple[float, object]] = collections.deque()
         self._learned: int | None = None
         self._learned_at = 0.0
 
     # --- what the controller tells it ----------------------------------------------------------
 
-    def opened(self, key: Hashable) -> None:
+    def opened(self, key: object) -> None:
         """A session is being opened now (counted from the attempt: conservative)."""
         self._opened.append((self._clock(), key))
 
-    def not_admitted(self, key: Hashable) -> None:
+    def not_admitted(self, key: object) -> None:
         """That session never got in (refused or unreachable before Begin): it does not count."""
         self._opened = collections.deque(e for e in self._opened if e[1] is not key)
 
-    def refused(self, key: Hashable) -> None:
+    def refused(self, key: object) -> None:
         """The service said 3009 to that session: the sessions in the window are the limit."""
         self.not_admitted(key)
         now = self._clock()

@@ -20,6 +20,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pttd.errors import PttdError
+
+if TYPE_CHECKING:
+    from pttd.audio.ring import Snapshot
+    from pttd.core.spool import SpoolEntry
+    from pttd.core.streamer import Streamer
+    from pttd.stt.base import SttSession
 
 
 class PressPhase(enum.StrEnum):
@@ -51,7 +60,7 @@ LEGAL_MOVES: dict[PressPhase, frozenset[PressPhase]] = {
 }
 
 
-class IllegalMove(RuntimeError):
+class IllegalMove(PttdError, RuntimeError):
     """A controller bug: a press was asked to move where its lifecycle does not go."""
 
 
@@ -68,8 +77,8 @@ class Press:
     ended_at: float | None = None
     released_at: float | None = None
     end_pos: int | None = None  # requested end (release + post-roll)
-    session: object = None  # the Session (or the local engine's) while one is open
-    streamer: object = None
+    session: SttSession | None = None  # its session (cloud or the local engine's) while one is open
+    streamer: Streamer | None = None
     stream_base_ms: float = 0.0  # session stream time at this press's first sample
     replay_pos: int | None = None  # ring position to resume from after a failure
     attempts: int = 0  # sessions opened for it
@@ -79,14 +88,14 @@ class Press:
     last_partial: str = ""  # text of the turn in progress ("" once finalized)
     overdue_replayed: bool = False
     waited_out: bool = False  # ended when no final came in its wait: a late one is taken
-    audio: object = None  # a ring.Snapshot once the press waits offline
+    audio: Snapshot | None = None  # its audio copied out of the ring once it waits offline
     finals: int = 0
     engine: str = "cloud"  # "cloud" or "local" (the offline engine)
     late: bool = False  # delivered after the network came back
     lost_samples: int = 0
     audio_ms: float = 0.0
     pressed_wall: float | None = None  # unix time of the press ("pressed_at" of a late final)
-    spool: object = None  # its spool.SpoolEntry once written (or loaded at start-up)
+    spool: SpoolEntry | None = None  # its file once queued for writing (or loaded at start-up)
 
     @property
     def released(self) -> bool:
@@ -100,6 +109,11 @@ class Press:
     def held(self) -> bool:
         """Not yet released, not ended: the press a release or toggle applies to."""
         return self.released_at is None and self.phase is not PressPhase.ENDED
+
+    @property
+    def restored(self) -> bool:
+        """Loaded from the spool at start-up: its ring positions are an earlier run's."""
+        return self.spool is not None and self.spool.restored
 
     @property
     def queued(self) -> bool:

@@ -36,7 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pttd.audio.ring import Snapshot
 from pttd.core.mailbox import Mailbox
+from pttd.errors import PttdError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ NAME = re.compile(r"^(\d{10})-(\d{1,12})\.wav$")
 TEMP = re.compile(r"^\.\d{10}-\d{1,12}\.wav\.tmp$")
 
 
-class SpoolError(Exception):
+class SpoolError(PttdError):
     """A spool that cannot be used (start-up: exit 2 naming ``spool.dir``), or a press's file
     that cannot be read back."""
 
@@ -238,6 +240,29 @@ class Spool:
         if zlib.crc32(pcm) != meta["crc32"]:
             raise SpoolError(f"its spool file {path} is damaged (CRC mismatch)")
         return pcm
+
+    def read_audio(self, entry: SpoolEntry, sample_rate: int) -> Snapshot:
+        """A press's audio read back to be sent; SpoolError if it waited past ``max_age_s``, was
+        recorded at another rate, or its file is gone or damaged."""
+        if self.expired(entry):
+            raise SpoolError(self.expired_reason(entry))
+        if entry.meta.get("sample_rate") != sample_rate:
+            raise SpoolError(
+                f"recorded at {entry.meta.get('sample_rate')} Hz, and "
+                f"audio.sample_rate is now {sample_rate}"
+            )
+        return Snapshot(int(entry.meta["audio_start"]), self.read(entry), sample_rate)
+
+    def expired(self, entry: SpoolEntry, now: float | None = None) -> bool:
+        """The press was made more than ``max_age_s`` ago (0: no limit)."""
+        return bool(self.max_age_s) and age_s(entry.meta, now) > self.max_age_s
+
+    def expired_reason(self, entry: SpoolEntry) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.meta.get("pressed_at") or 0))
+        return (
+            f"press {entry.press_id} dropped: it waited more than "
+            f"{self.max_age_s / 3600:g} h for the network (spool.max_age_h; pressed at {when})"
+        )
 
     @staticmethod
     def file_size(samples: int, meta_bytes: int = 600) -> int:

@@ -25,7 +25,7 @@ from pttd.stt.assemblyai.protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_sampl
 
 log = logging.getLogger(__name__)
 
-# The real service's look-ahead allowance is estimated at ~310 s (research §2.1, unverified);
+# The real service's look-ahead allowance is estimated at ~310 s (unverified);
 # staying within 2 s of real time is far inside it and still flushes a connect-time backlog.
 MAX_LEAD_S = 2.0
 
@@ -162,11 +162,14 @@ class Streamer:
         return end
 
     def _lead(self) -> float:
+        """How far ahead of real time the audio sent is (0 before the first frame)."""
+        if self._t_first is None:
+            return 0.0
         return self.samples_sent / self.sample_rate - (time.monotonic() - self._t_first)
 
     def _frames_allowed(self) -> int:
         """How many chunks may go out now without getting more than max_lead_s ahead."""
-        room = self.max_lead_s - (self._lead() if self._t_first is not None else 0.0)
+        room = self.max_lead_s - self._lead()
         if room < 0:
             return 0
         return max(1, int(room * self.sample_rate) // self.chunk)

@@ -1,29 +1,14 @@
-"""The kiosk endpoint (design.md, "[kiosk]"): the kiosk page over HTTP and the control protocol over
-a WebSocket, for a browser that cannot talk to a Unix socket.
+"""The kiosk endpoint (``[kiosk]``, docs/kiosk.md): the kiosk page over HTTP and the control
+protocol over a WebSocket, for a browser that cannot talk to a Unix socket.
 
-``GET /`` (and the page's own files) serve the packaged page from ``pttd/kiosk_page``. ``/ws`` is
+``GET /`` (and the page's own files) serve the packaged page (kiosk_http.py). ``/ws`` is
 the WebSocket: a new client first gets ``{"event": "snapshot", "state": ..., "last_final": ...,
 "waiting": N, "waiting_s": S}`` (presses waiting for the network, and their seconds of audio),
 then every event; it may send the control socket's requests (``{"cmd": "press"}`` ...) and gets the
 same replies. ``subscribe`` is accepted and answered ``{"ok": true}`` (every client is subscribed).
 
-Who may connect to ``/ws`` (checked before the upgrade, so a refused client gets a plain HTTP error):
-
-* **token** — when ``[kiosk] token`` is set (required for a non-loopback ``listen``), the request
-  must carry it as ``/ws?token=TOKEN`` (what the page does, copying ``?token=`` from its own URL) or
-  as ``Authorization: Bearer TOKEN``. Missing: 401; wrong: 403.
-* **Origin** — browsers always send it on a WebSocket, so it tells which page is connecting. No
-  Origin (a script, not a browser page) passes. Otherwise it must be one of: ``http://127.0.0.1:P``,
-  ``http://localhost:P``, ``http://[::1]:P`` (P = the listening port: the page served here);
-  ``http(s)://<Host header>`` but only when a token is set (the page served here, or through a
-  TLS proxy, under whatever name reaches the device; a DNS-rebinding page still lacks the token);
-  or an exact entry of ``[kiosk] allowed_origins``. Anything else, including ``null``: 403.
-* More than ``max_clients`` connections: 503. A repeated Origin/Host/Authorization header: 400.
-
-Without a token, a loopback ``listen`` is open to every process on the machine (any local user):
-no Origin header passes, so a script needs neither the token nor the control socket's group
-permission. That is the contract (the token is required only off loopback); ``start`` logs a
-warning saying so, and the README's kiosk section tells who can reach what.
+Who may connect to ``/ws`` (a token, the page's Origin, a cap on clients) is checked before the
+upgrade, by the HTTP side (kiosk_http.py, which also serves the page).
 
 TCP connections are bounded whatever they do: at most ``max_connections`` at once (upgraded
 clients, page requests and handshakes in progress); one more closes the oldest that has not
@@ -46,23 +31,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hmac
-import http
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from importlib import resources
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import State as WsState
 
-from pttd.frontends.control import MAX_LINE, SUBSCRIBE, RequestError, parse_request
+from pttd.events import Command, EventKind, State
+from pttd.frontends.control.protocol import MAX_LINE, SUBSCRIBE, RequestError, parse_request
+from pttd.frontends.kiosk_http import KioskError, KioskHttp, peer_name
+from pttd.frontends.rare_warning import RareWarning
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +53,13 @@ log = logging.getLogger(__name__)
 _WS_LOG = logging.getLogger(__name__ + ".ws")
 _WS_LOG.setLevel(logging.INFO)
 
-PAGE_PACKAGE = "pttd.frontends"
-PAGE_DIR = "kiosk_page"
-_PAGE_FILES = {
-    "/": "index.html",
-    "/index.html": "index.html",
-    "/kiosk.js": "kiosk.js",
-    "/kiosk.css": "kiosk.css",
-    "/icon.svg": "icon.svg",
-    "/favicon.ico": "icon.svg",
-}
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-}
-_PAGE_HEADERS = (
-    ("Cache-Control", "no-store"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Content-Security-Policy", "default-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
-    ("Referrer-Policy", "no-referrer"),
-)
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-_TURN_OVER = ("idle", "finalizing")  # states after which no client holds the button any more
-PRESS, RELEASE = "press", "release"
+_TURN_OVER = (State.IDLE, State.FINALIZING)  # states after which no client holds the button
 STOP_GRACE_S = 1.5
 HANDSHAKE_TIMEOUT_S = 5.0  # a connection that has not finished its HTTP request/upgrade is closed
-_WARN_EVERY_S = 10.0  # at most one warning about a connection flood this often
-
-
-class KioskError(OSError):
-    """The kiosk endpoint cannot be served (e.g. the port is taken); the message says what to fix."""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:8766"`` / ``"[::1]:8766"`` / ``":8766"`` → (host, port); ValueError if malformed."""
+    """``"127.0.0.1:8766"``, ``"[::1]:8766"`` or ``":8766"`` → (host, port); else ValueError."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"kiosk listen address {listen!r} must be HOST:PORT")
@@ -135,11 +89,12 @@ class _Client:
     queue: asyncio.Queue
     peer: str
     dropped: bool = False
-    holding: bool = False  # sent "press" and no "release"/"cancel" yet, and the turn is open
+    holding: bool = False  # sent "press", no "release"/"cancel" yet, and the turn is open
 
 
 class KioskServer:
-    """Sink (``emit``/``close``) plus WebSocket front end for ``handle``; see the module docstring."""
+    """An output sink (``emit``/``close``) and a WebSocket front end for ``handle``; see the
+    module docstring."""
 
     def __init__(
         self,
@@ -162,18 +117,17 @@ class KioskServer:
         self._handle = handle
         self._status = status  # the controller's published "waiting" figures
         self._token = token
-        self._allowed = {_norm_origin(o) for o in allowed_origins}
+        self._http = KioskHttp(token, allowed_origins, max_clients)
         self._max_clients = max_clients
         self._max_connections = max_connections
         self._client_queue = client_queue
-        self._pages = _load_pages()
         self._lock = threading.Lock()  # guards the snapshot fields
-        self._state = "idle"
+        self._state: str = State.IDLE.value
         self._last_final: dict | None = None
         self._accepting_commands = True
         self._clients: set[_Client] = set()  # touched on the loop thread only
         self._connections: dict[ServerConnection, None] = {}  # every TCP connection, oldest first
-        self._last_warning = -_WARN_EVERY_S
+        self._warn_rarely = RareWarning(log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -218,10 +172,11 @@ class KioskServer:
         """Outputs calls this after the last event was handed over: flush (bounded), close, join."""
         self._accepting_commands = False
         thread, self._thread = self._thread, None
-        if thread is None or self._loop is None:
+        loop, closing = self._loop, self._closing
+        if thread is None or loop is None or closing is None:
             return
         try:
-            self._loop.call_soon_threadsafe(self._closing.set)
+            loop.call_soon_threadsafe(closing.set)
         except RuntimeError:
             pass  # the loop already ended
         thread.join(timeout)
@@ -240,14 +195,14 @@ class KioskServer:
         """Record what a new client's snapshot needs; schedule the broadcast. Never blocks."""
         text = json.dumps(event, ensure_ascii=False)
         with self._lock:
-            if event.get("event") == "state":
+            if event.get("event") == EventKind.STATE:
                 self._state = event.get("state", self._state)
-            elif event.get("event") == "final":
+            elif event.get("event") == EventKind.FINAL:
                 self._last_final = event
         loop = self._loop
         if loop is None:
             return
-        turn_over = event.get("event") == "state" and event.get("state") in _TURN_OVER
+        turn_over = event.get("event") == EventKind.STATE and event.get("state") in _TURN_OVER
         try:
             loop.call_soon_threadsafe(self._broadcast, text, turn_over)
         except RuntimeError:
@@ -257,7 +212,7 @@ class KioskServer:
         waiting = self._status() if self._status is not None else {}
         with self._lock:
             return {
-                "event": "snapshot",
+                "event": EventKind.SNAPSHOT.value,
                 "state": self._state,
                 "last_final": self._last_final,
                 "waiting": waiting.get("waiting", 0),
@@ -290,7 +245,8 @@ class KioskServer:
             logger=_WS_LOG,
             compression=None,
             open_timeout=HANDSHAKE_TIMEOUT_S,
-            create_connection=functools.partial(_TrackedConnection, kiosk=self),
+            # websockets documents a wrapper as fine here; its annotation names only the class
+            create_connection=functools.partial(_TrackedConnection, kiosk=self),  # type: ignore[arg-type]
         )
         if self.port == 0:
             self.port = server.sockets[0].getsockname()[1]
@@ -318,7 +274,7 @@ class KioskServer:
         self._connections[conn] = None
         if len(self._connections) <= self._max_connections:
             return
-        victim = next((c for c in self._connections if c.state is State.CONNECTING), conn)
+        victim = next((c for c in self._connections if c.state is WsState.CONNECTING), conn)
         self._warn_rarely(
             "kiosk: %d connections open; closing the oldest that has not finished its handshake",
             self._max_connections,
@@ -328,12 +284,6 @@ class KioskServer:
 
     def _connection_lost(self, conn: ServerConnection) -> None:
         self._connections.pop(conn, None)
-
-    def _warn_rarely(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY_S:
-            self._last_warning = now
-            log.warning(msg + " (such warnings: at most one per %g s)", *args, _WARN_EVERY_S)
 
     def _broadcast(self, text: str, turn_over: bool = False) -> None:
         for client in list(self._clients):
@@ -361,7 +311,7 @@ class KioskServer:
         client.ws.transport.abort()  # a close frame could not get through a full buffer anyway
 
     async def _serve_client(self, ws: ServerConnection) -> None:
-        peer = _peer_name(ws)
+        peer = peer_name(ws)
         if len(self._clients) >= self._max_clients:
             await ws.close(1013, "too many kiosk clients")
             return
@@ -382,10 +332,10 @@ class KioskServer:
             self._release_for(client)
 
     def _release_for(self, client: _Client) -> None:
-        """A page that vanished mid-hold cannot send its release: send it, or the turn never ends."""
+        """A page that vanished mid-hold cannot send its release: we do, or the turn never ends."""
         if client.holding and self._accepting_commands:
             log.warning("kiosk client %s left while holding the button; releasing", client.peer)
-            self._call(RELEASE)
+            self._call(Command.RELEASE.value)
 
     async def _send_loop(self, client: _Client) -> None:
         try:
@@ -409,8 +359,8 @@ class KioskServer:
         if not self._accepting_commands:
             return {"ok": False, "error": "pttd is stopping"}
         reply = self._call(cmd)
-        if reply.get("ok") and cmd in (PRESS, RELEASE, "cancel"):
-            client.holding = cmd == PRESS
+        if reply.get("ok") and cmd in (Command.PRESS, Command.RELEASE, Command.CANCEL):
+            client.holding = cmd == Command.PRESS
         return reply
 
     def _call(self, cmd: str) -> dict:
@@ -421,104 +371,7 @@ class KioskServer:
             return {"ok": False, "error": f"internal error handling {cmd}: {exc}"}
         return reply if isinstance(reply, dict) else {"ok": False, "error": "internal error"}
 
-    # --- HTTP: the page, and the checks before an upgrade ------------------------------------------
+    # --- HTTP: the page, and the checks before an upgrade (kiosk_http.py) ----------------------
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        if url.path == "/ws":
-            return self._check_ws(ws, request, url.query)
-        name = _PAGE_FILES.get(url.path)
-        if name is None:
-            return ws.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        return _page_response(name, self._pages[name])
-
-    def _check_ws(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
-        """None lets the upgrade proceed; otherwise the HTTP refusal (reason in the log, not the token)."""
-        try:
-            problem = (
-                self._token_problem(request, query)
-                or self._origin_problem(request)
-                or self._capacity_problem()
-            )
-        except MultipleValuesError as exc:
-            problem = http.HTTPStatus.BAD_REQUEST, f"more than one {exc} header"
-        if problem is None:
-            return None
-        status, why = problem
-        log.warning("kiosk: refused WebSocket from %s: %s", _peer_name(ws), why)
-        return ws.respond(status, why + "\n")
-
-    def _token_problem(self, request: Request, query: str) -> tuple[int, str] | None:
-        if not self._token:
-            return None
-        given = parse_qs(query).get("token", [""])[0]
-        auth = request.headers.get("Authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given:
-            return http.HTTPStatus.UNAUTHORIZED, "token required (?token= or Authorization: Bearer)"
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
-            return http.HTTPStatus.FORBIDDEN, "wrong token"
-        return None
-
-    def _origin_problem(self, request: Request) -> tuple[int, str] | None:
-        origin = request.headers.get("Origin")
-        if origin is None or _norm_origin(origin) in self._allowed_origins(request):
-            return None
-        return http.HTTPStatus.FORBIDDEN, f"origin {origin[:80]!r} not allowed"
-
-    def _capacity_problem(self) -> tuple[int, str] | None:
-        if len(self._clients) < self._max_clients:
-            return None
-        return (
-            http.HTTPStatus.SERVICE_UNAVAILABLE,
-            f"{self._max_clients} kiosk clients already connected",
-        )
-
-    def _allowed_origins(self, request: Request) -> set[str]:
-        allowed = set(self._allowed)
-        allowed.update(_norm_origin(f"http://{name}:{self.port}") for name in _LOOPBACK_NAMES)
-        host = request.headers.get("Host")
-        if self._token and host:
-            allowed.update(_norm_origin(f"{scheme}://{host}") for scheme in ("http", "https"))
-        return allowed
-
-
-def _norm_origin(origin: str) -> str:
-    """Compare origins case-insensitively, without a trailing slash or the default port."""
-    origin = origin.strip().rstrip("/").lower()
-    if origin.startswith("http://") and origin.endswith(":80"):
-        origin = origin[:-3]
-    elif origin.startswith("https://") and origin.endswith(":443"):
-        origin = origin[:-4]
-    return origin
-
-
-def _peer_name(ws: ServerConnection) -> str:
-    try:
-        host, port = ws.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError, OSError):
-        return "?"
-
-
-def _load_pages() -> dict[str, bytes]:
-    """Read the packaged page once (a few KiB), so serving never touches the disk."""
-    folder = resources.files(PAGE_PACKAGE) / PAGE_DIR
-    try:
-        return {name: (folder / name).read_bytes() for name in set(_PAGE_FILES.values())}
-    except OSError as exc:
-        raise KioskError(f"the kiosk page is missing from the installed package ({exc})") from exc
-
-
-def _page_response(name: str, body: bytes) -> Response:
-    ext = name[name.rfind(".") :]
-    headers = Headers(
-        [
-            ("Content-Type", _CONTENT_TYPES[ext]),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-            *_PAGE_HEADERS,
-        ]
-    )
-    return Response(200, "OK", headers, body)
+        return self._http.respond(ws, request, self.port, len(self._clients))

@@ -1,9 +1,9 @@
 """``[mqtt] url``: pttd's events to an MQTT broker and commands from it, for fleets of devices.
 
-Topics (design.md): ``pttd/<device_id>/state`` (retained, QoS 1; the broker publishes the will,
-state ``offline``, when the link dies), ``.../partial`` (QoS 0, with ``publish_partials``),
-``.../final`` (QoS 1), ``.../error`` (QoS 1), ``.../warning`` (QoS 1, server Warnings);
-commands arrive on ``.../cmd`` as ``{"cmd": ...}``.
+Topics (docs/typing-and-mqtt.md): ``pttd/<device_id>/state`` (retained, QoS 1; the broker
+publishes the will, state ``offline``, when the link dies), ``.../partial`` (QoS 0, with
+``publish_partials``), ``.../final`` (QoS 1), ``.../error`` (QoS 1), ``.../warning`` (QoS 1,
+server Warnings); commands arrive on ``.../cmd`` as ``{"cmd": ...}``.
 
 paho's loop thread connects, reconnects with back-off and runs the callbacks. The callbacks
 only enqueue: a command goes to ``Controller.command``, which posts to the controller queue;
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pttd import events
-from pttd.events import State
+from pttd.errors import ConfigError
+from pttd.events import PRESS_COMMANDS, Command, EventKind, State
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ FINAL_QUEUE = 100  # finals kept while the broker is down; overflow drops the ol
 CLOSE_WAIT_S = 1.0  # at stop: wait this long for queued finals and the offline state
 LOOP_JOIN_S = 1.5  # then this long for paho's thread
 RECONNECT_DELAY_S = (1, 10)  # paho's back-off: 1 s doubling up to 10 s
-COMMANDS = ("press", "release", "toggle", "cancel")
+COMMANDS = tuple(c.value for c in PRESS_COMMANDS)
 MAX_COMMAND_BYTES = 1024
 HA_PREFIX = "homeassistant"
 HA_STATE_MAX = 255  # Home Assistant rejects longer sensor states
 
 
-class MqttError(ValueError):
+class MqttError(ConfigError):
     """An MQTT setting the user must fix (the daemon turns it into a start-up error)."""
 
 
@@ -95,7 +96,7 @@ def topic(device_id: str, name: str) -> str:
 
 def read_password(path: str) -> str:
     """The broker password from ``password_file`` (first line, stripped); never logged."""
-    from pttd.config import ConfigError, read_text_file
+    from pttd.config_files import read_text_file
 
     try:
         value = read_text_file(path, "mqtt.password_file:").strip()
@@ -135,7 +136,7 @@ def discovery_messages(device_id: str) -> list[tuple[str, dict]]:
     listening and the next tap ends the turn.
     """
     node = "pttd_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in device_id)
-    state = topic(device_id, "state")
+    state = topic(device_id, EventKind.STATE)
     common = {
         "availability_topic": state,
         "availability_template": "{{ 'offline' if value_json.state == 'offline' else 'online' }}",
@@ -150,9 +151,9 @@ def discovery_messages(device_id: str) -> list[tuple[str, dict]]:
         **common,
         "name": "Last transcript",
         "unique_id": f"{node}_last_transcript",
-        "state_topic": topic(device_id, "final"),
-        "value_template": "{{ value_json.text[:%d] }}" % HA_STATE_MAX,
-        "json_attributes_topic": topic(device_id, "final"),
+        "state_topic": topic(device_id, EventKind.FINAL),
+        "value_template": "{{ value_json.text[:" + str(HA_STATE_MAX) + "] }}",
+        "json_attributes_topic": topic(device_id, EventKind.FINAL),
         "icon": "mdi:text-to-speech",
     }
     button = {
@@ -160,7 +161,7 @@ def discovery_messages(device_id: str) -> list[tuple[str, dict]]:
         "name": "Talk",
         "unique_id": f"{node}_talk",
         "command_topic": topic(device_id, "cmd"),
-        "payload_press": '{"cmd":"toggle"}',
+        "payload_press": json.dumps({"cmd": Command.TOGGLE.value}, separators=(",", ":")),
         "icon": "mdi:microphone",
     }
     return [
@@ -207,7 +208,7 @@ class MqttBridge:
         if password_file and not username:
             raise MqttError("mqtt.password_file needs mqtt.username")
         self.publish_partials = publish_partials
-        self.skips = frozenset() if publish_partials else frozenset({"partial"})  # see Outputs
+        self.skips = frozenset() if publish_partials else frozenset({EventKind.PARTIAL})
         self.ha_discovery = ha_discovery
         self.keepalive_s = keepalive_s
         self._on_command = on_command
@@ -256,7 +257,7 @@ class MqttBridge:
         if self.broker.tls:
             client.tls_set()  # the system's CAs; certificate and host name are verified
         offline = encode(events.state_event(State.OFFLINE))
-        client.will_set(self.topic("state"), offline, qos=1, retain=True)
+        client.will_set(self.topic(EventKind.STATE), offline, qos=1, retain=True)
         client.reconnect_delay_set(*RECONNECT_DELAY_S)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -293,7 +294,7 @@ class MqttBridge:
             if self._connected:
                 self._handed.append(
                     self._client.publish(
-                        self.topic("state"),
+                        self.topic(EventKind.STATE),
                         encode(events.state_event(State.OFFLINE)),
                         qos=1,
                         retain=True,
@@ -310,19 +311,19 @@ class MqttBridge:
 
     def emit(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "final":
+        if kind == EventKind.FINAL:
             self._queue_final(event)
             self._flush_finals()
-        elif kind == "state":
+        elif kind == EventKind.STATE:
             with self._lock:
                 self._state = event
                 self._publish_state()
-        elif kind == "partial" and self.publish_partials:
-            self._publish_live("partial", event, qos=0)
-        elif kind == "error":
-            self._publish_live("error", event, qos=1)
-        elif kind == "warning":
-            self._publish_live("warning", event, qos=1)
+        elif kind == EventKind.PARTIAL and self.publish_partials:
+            self._publish_live(EventKind.PARTIAL, event, qos=0)
+        elif kind == EventKind.ERROR:
+            self._publish_live(EventKind.ERROR, event, qos=1)
+        elif kind == EventKind.WARNING:
+            self._publish_live(EventKind.WARNING, event, qos=1)
 
     def _queue_final(self, event: dict) -> None:
         with self._lock:
@@ -342,7 +343,9 @@ class MqttBridge:
         """Hand queued finals to paho while connected (paho keeps QoS 1 ones until PUBACK)."""
         with self._lock:
             while self._finals and self._connected:
-                info = self._client.publish(self.topic("final"), encode(self._finals[0]), qos=1)
+                info = self._client.publish(
+                    self.topic(EventKind.FINAL), encode(self._finals[0]), qos=1
+                )
                 if info.rc not in (self._paho.MQTT_ERR_SUCCESS, self._paho.MQTT_ERR_NO_CONN):
                     log.warning(
                         "MQTT: publishing a final failed (%s); kept queued",
@@ -355,7 +358,9 @@ class MqttBridge:
     def _publish_state(self) -> None:
         """Caller holds ``_lock``: the newest state, retained, so late subscribers see it."""
         if self._connected:
-            self._client.publish(self.topic("state"), encode(self._state), qos=1, retain=True)
+            self._client.publish(
+                self.topic(EventKind.STATE), encode(self._state), qos=1, retain=True
+            )
 
     def _publish_live(self, name: str, event: dict, qos: int) -> None:
         """Partials and errors only matter live: not queued while the broker is down."""

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pttd.core.mailbox import Mailbox
+from pttd.errors import StartupError
 from pttd.events import State
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ DEFAULT_PATTERNS: dict[str, dict[State, str]] = {
 """State -> pattern per LED kind; ``[leds] patterns`` overrides single states."""
 
 
-class PeripheralError(RuntimeError):
+class PeripheralError(StartupError):
     """GPIO hardware cannot be set up (pin busy or invalid, no pin factory); message says why."""
 
 
@@ -87,7 +88,7 @@ class PeripheralError(RuntimeError):
 
 @dataclass(frozen=True)
 class Pattern:
-    """A parsed LED pattern. ``effect`` is "off", "on", "blink" or "pulse" ("dim" is "on" at a level).
+    """A parsed LED pattern: ``effect`` is "off", "on", "blink" or "pulse" ("dim": "on", dimmed).
 
     ``times`` holds blink on/off or pulse fade-in/fade-out seconds; ``level`` scales brightness.
     """
@@ -161,7 +162,8 @@ def _parse_colour(word: str) -> tuple[float, float, float]:
         return COLOURS[word]
     match = _HEX.fullmatch(word)
     if match:
-        return tuple(int(h, 16) / 255 for h in match.groups())
+        red, green, blue = (int(h, 16) / 255 for h in match.groups())
+        return red, green, blue
     raise ValueError(
         f"unknown effect or colour {word!r} (effects: off, on, dim:L, blink:ON,OFF, "
         f"pulse:IN,OUT; colours: {', '.join(COLOURS)}, #rrggbb)"

@@ -1,36 +1,37 @@
-"""Output sinks for the contract's event dicts (events.py): stdout, journald, and the fan-out.
+"""The fan-out: every event the controller emits (events.py) goes to every output sink.
 
 The controller calls ``Outputs.emit(event)`` and must never stall on an output or see one
 raise. So ``Outputs`` gives each sink its own small worker thread and bounded queue: a
 stdout pipe nobody reads, or a wedged journald, blocks only its own worker, the others carry on.
-Sinks themselves stay plain synchronous objects with ``emit(event)`` and ``close()``. A sink
-whose ``emit`` only queues without blocking (the control socket's) says so with
-``inline = True`` and is called on the caller's thread: a worker would only add a wake-up.
+Sinks themselves stay plain synchronous objects (the ``Sink`` protocol below); each lives in
+its own module next to this one (stdout.py, journal.py, hook.py, keyboard.py; the kiosk and
+MQTT, which also take commands, in frontends/).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
-import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol, TextIO
+from typing import Protocol
 
 from pttd.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-IDENTIFIER = "pttd"
-STDOUT_MODES = ("text", "jsonl", "none")
-
 
 class Sink(Protocol):
+    """An output: ``emit`` gets every event (a plain dict, not to be changed), in order, on the
+    sink's own worker thread; ``close`` comes once, after the last event.
+
+    Two optional attributes: ``inline = True`` for a sink whose ``emit`` only queues without
+    blocking (the control socket's): it is called on the emitting thread, as a worker would only
+    add a wake-up. ``skips``: the event kinds it ignores (e.g. ``{EventKind.PARTIAL}``), never
+    queued for it.
+    """
+
     def emit(self, event: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -44,262 +45,6 @@ def skipped_kinds(sink: Sink) -> frozenset:
     """The event kinds a sink ignores (its ``skips``): they are not queued for its worker, which
     would only wake up to drop them (journald and partials, several a second while speaking)."""
     return frozenset(getattr(sink, "skips", ()))
-
-
-# --------------------------------------------------------------------------- stdout
-
-
-class StdoutSink:
-    """Events on a text stream: ``jsonl`` (the contract's lines), ``text`` (readable) or ``none``.
-
-    Each line goes out in one ``write`` then a ``flush`` (one write(2), atomic on a pipe up to
-    PIPE_BUF = 4 KiB), so readers, even after a SIGKILL, only see whole lines. A closed pipe
-    disables the sink instead of killing the daemon.
-    """
-
-    def __init__(self, mode: str = "text", stream: TextIO | None = None):
-        if mode not in STDOUT_MODES:
-            raise ValueError(f"stdout mode must be one of {STDOUT_MODES}, not {mode!r}")
-        self.mode = mode
-        self.stream = sys.stdout if stream is None else stream
-        self.enabled = mode != "none"
-        self.inline = not self.enabled  # "none" never writes: no worker thread for it
-
-    def emit(self, event: dict) -> None:
-        if not self.enabled:
-            return
-        line = json_line(event) if self.mode == "jsonl" else text_line(event)
-        if line is None:
-            return
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (OSError, ValueError) as exc:  # EPIPE, EIO (tty hung up); ValueError: closed
-            self._disable(exc)
-
-    def close(self) -> None:
-        if self.enabled:
-            try:
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-    def _disable(self, exc: Exception) -> None:
-        self.enabled = False
-        log.warning("stdout is gone (%s); stdout output disabled, other outputs carry on", exc)
-        _silence_stream(self.stream)
-
-
-def _silence_stream(stream: TextIO) -> None:
-    """Point the dead stream's fd at /dev/null so the interpreter's exit-time flush stays quiet."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError, AttributeError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
-def json_line(event: dict) -> str:
-    """The contract's compact one-line JSON (no newline inside: JSON escapes them)."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-
-
-def text_line(event: dict) -> str | None:
-    """The readable form: ``state: listening``, ``final: <text>``, ``error: [code] msg (retry in Ns)``."""
-    kind = event.get("event")
-    if kind == "state":
-        return f"state: {event.get('state')}"
-    if kind in ("partial", "final"):
-        return f"{kind}: {_flat(event.get('text', ''))}"
-    if kind in ("error", "warning"):
-        code = event.get("code")
-        retry = event.get("retry_in_s")
-        return (
-            f"{kind}: "
-            + (f"[{code}] " if code is not None else "")
-            + _flat(event.get("message", ""))
-            + (f" (retry in {retry:g}s)" if retry is not None else "")
-        )
-    rest = {k: v for k, v in event.items() if k not in ("event", "ts")}
-    return f"{kind}: {json_line(rest)}"
-
-
-def _flat(text: object) -> str:
-    """One event, one line: a newline in a transcript must not split the text form."""
-    return " ".join(str(text).splitlines())
-
-
-# --------------------------------------------------------------------------- journald
-
-# Contract keys with a fixed journal field name; every other key becomes PTTD_<KEY>.
-_FIELD_NAMES = {
-    "turn_order": "TURN_ORDER",
-    "session_id": "SESSION_ID",
-    "press_id": "PRESS_ID",
-    "audio_ms": "AUDIO_MS",
-    "latency_ms": "LATENCY_MS",
-    "code": "ERROR_CODE",
-    "state": "PTTD_STATE",
-    "language_code": "LANGUAGE_CODE",
-}
-_MESSAGE_KEY = {"final": "text", "partial": "text", "error": "message", "warning": "message"}
-_PRIORITY = {"final": 6, "error": 3, "warning": 4, "state": 7}  # info, err, warning, debug
-_SKIPPED_KEYS = {"event", "ts"}  # journald stamps its own time
-
-
-class JournalSink:
-    """Finals, errors and state changes as structured journald records (design.md, "journald").
-
-    Partials are not journaled: several a second per turn would flood the journal.
-    ``send`` defaults to ``systemd.journal.send``; tests inject their own. libsystemd drops
-    records silently when journald is absent, so the socket is checked here and its absence
-    (or a send error) is logged once per outage.
-    """
-
-    skips = frozenset({"partial"})  # journal_fields() has no record for them
-
-    def __init__(
-        self,
-        speech_model: str,
-        send: Callable[..., None] | None = None,
-        socket_path: str = JOURNAL_SOCKET,
-    ):
-        self.speech_model = speech_model
-        self._send = send
-        self._probe = send is None
-        self._socket_path = socket_path
-        self._down = False
-        if send is None:
-            self._send = _journal_send()
-
-    def emit(self, event: dict) -> None:
-        fields = journal_fields(event, self.speech_model)
-        if fields is None:
-            return
-        if self._send is None or (self._probe and not _is_socket(self._socket_path)):
-            self._mark_down("journald socket %s not found" % self._socket_path)
-            return
-        message = fields.pop("MESSAGE")
-        try:
-            self._send(message, **fields)
-        except OSError as exc:
-            self._mark_down(f"sending to journald failed: {exc}")
-            return
-        if self._down:
-            self._down = False
-            log.info("journald reachable again; journal output resumed")
-
-    def close(self) -> None:
-        pass
-
-    def _mark_down(self, why: str) -> None:
-        if not self._down:
-            self._down = True
-            log.warning("%s; journal output skipped until it is back (other outputs carry on)", why)
-
-
-def journal_fields(event: dict, speech_model: str) -> dict | None:
-    """The journald record for an event: MESSAGE plus upper-case fields, or None to skip it."""
-    kind = event.get("event")
-    if kind == "partial":
-        return None
-    fields = {
-        "MESSAGE": _journal_message(event),
-        "SYSLOG_IDENTIFIER": IDENTIFIER,
-        "PTTD_EVENT": str(kind),
-        "PRIORITY": str(_PRIORITY.get(kind, 7)),
-    }
-    if kind == "final":
-        fields["SPEECH_MODEL"] = speech_model
-    for key, value in event.items():
-        if key in _SKIPPED_KEYS or key == _MESSAGE_KEY.get(kind) or value is None:
-            continue
-        name = "WARNING_CODE" if (kind, key) == ("warning", "code") else _FIELD_NAMES.get(key)
-        fields[name or _field_name(key)] = _field_value(value)
-    return fields
-
-
-def _journal_message(event: dict) -> str:
-    kind = event.get("event")
-    if kind in _MESSAGE_KEY:
-        return str(event.get(_MESSAGE_KEY[kind], ""))
-    if kind == "state":
-        return f"state: {event.get('state')}"
-    return str(kind)
-
-
-def _field_name(key: str) -> str:
-    """``gap_ms`` → ``PTTD_GAP_MS``; journald accepts only A-Z, 0-9 and _ (64 chars at most)."""
-    name = "".join(c if c.isascii() and c.isalnum() else "_" for c in str(key).upper())
-    return ("PTTD_" + name)[:64]
-
-
-def _field_value(value: object) -> str:
-    """Strings as they are; numbers, booleans and lists as their JSON spelling."""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _journal_send() -> Callable[..., None] | None:
-    try:
-        from systemd import journal
-    except ImportError:
-        log.warning("systemd-python is not installed; journal output disabled")
-        return None
-    return journal.send
-
-
-# --------------------------------------------------------------------------- logging
-
-
-def journal_stream_matches(stream: TextIO | None = None) -> bool:
-    """True when ``stream`` (default stderr) is connected to journald by systemd.
-
-    systemd.exec(5): services get ``$JOURNAL_STREAM=<dev>:<inode>`` of their stdout/stderr;
-    comparing it with the fd (not just checking it is set) ignores a value inherited by
-    a child whose output was redirected.
-    """
-    stream = sys.stderr if stream is None else stream
-    expected = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        st = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return expected == f"{st.st_dev}:{st.st_ino}"
-
-
-def journal_logging_handler(level: int = logging.NOTSET) -> logging.Handler:
-    """The daemon's own log handler: structured journald records under systemd, stderr otherwise.
-
-    Under systemd stderr already reaches the journal, but only as plain text at one priority;
-    the JournalHandler keeps each record's level and adds LOGGER, THREAD_NAME and CODE_* fields.
-    """
-    if journal_stream_matches():
-        try:
-            from systemd.journal import JournalHandler
-
-            handler: logging.Handler = JournalHandler(level, SYSLOG_IDENTIFIER=IDENTIFIER)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            return handler
-        except ImportError:
-            pass
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(level)
-    handler.setFormatter(logging.Formatter("pttd %(levelname)s %(name)s: %(message)s"))
-    return handler
-
-
-# --------------------------------------------------------------------------- fan-out
 
 
 class Outputs:

@@ -1,4 +1,4 @@
-"""``[output] hook``: run a program for each final transcript (design.md, "[output]").
+"""``[output] hook``: run a program for each final transcript (docs/hook.md).
 
 The program is started directly from the argv list, never through a shell, so a transcript or an
 argument can never become shell syntax. The transcript (UTF-8, then one newline) is its stdin; the
@@ -42,6 +42,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+
+from pttd.events import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class HookSink:
     # --- sink API (the controller's thread) -------------------------------------------------
 
     def emit(self, event: dict) -> None:
-        if event.get("event") != "final" or self._stopping.is_set():
+        if event.get("event") != EventKind.FINAL or self._stopping.is_set():
             return
         try:
             self._queue.put_nowait(event)
@@ -280,12 +282,12 @@ class HookOutput:
 def _pump(proc: subprocess.Popen, stdin: bytes, output: HookOutput, deadline: float) -> bool:
     """Write ``stdin`` and read the output until EOF (or ``output`` is full: the read end is then
     closed); False when ``deadline`` passes first."""
+    to_hook, from_hook = proc.stdin, proc.stdout
+    if to_hook is None or from_hook is None:
+        raise ValueError("a hook runs with pipes on its stdin and stdout")
     pending = memoryview(stdin)
     with selectors.DefaultSelector() as sel:
-        for pipe, events in (
-            (proc.stdin, selectors.EVENT_WRITE),
-            (proc.stdout, selectors.EVENT_READ),
-        ):
+        for pipe, events in ((to_hook, selectors.EVENT_WRITE), (from_hook, selectors.EVENT_READ)):
             os.set_blocking(pipe.fileno(), False)
             sel.register(pipe, events)
         while sel.get_map():
@@ -293,11 +295,11 @@ def _pump(proc: subprocess.Popen, stdin: bytes, output: HookOutput, deadline: fl
             if remaining <= 0:
                 return False
             for key, _ in sel.select(remaining):
-                if key.fileobj is proc.stdin:
-                    pending = _feed(proc.stdin, pending)
+                if key.fileobj is to_hook:
+                    pending = _feed(to_hook, pending)
                     done = not pending
                 else:
-                    done = not _drain_into(proc.stdout, output)
+                    done = not _drain_into(from_hook, output)
                 if done:
                     sel.unregister(key.fileobj)
                     _close_quietly(key.fileobj)
@@ -346,7 +348,7 @@ def hook_env(event: dict, attempt: int = 1, base: dict | None = None) -> dict:
         if key in ("text", "event") or value is None:
             continue
         env[env_name(key)] = _env_value(value)
-    env["PTTD_EVENT"] = str(event.get("event", "final"))
+    env["PTTD_EVENT"] = str(event.get("event", EventKind.FINAL.value))
     env["PTTD_ATTEMPT"] = str(attempt)
     return env
 
@@ -366,7 +368,7 @@ def _stdin_bytes(event: dict) -> bytes:
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
-    """SIGTERM the hook's whole process group (it runs in its own session), SIGKILL if it lingers."""
+    """SIGTERM the hook's process group (it runs in its own session); SIGKILL if it lingers."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_GRACE_S)):
         try:
             os.killpg(proc.pid, sig)

@@ -18,8 +18,11 @@ import os
 import threading
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
+
+from pttd.errors import StartupError
+from pttd.events import EventKind, State
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,9 @@ class Layout:
         return codes | {s.code for seq in self.chars.values() for s in seq}
 
 
-def _layout(name: str, table: dict[str, tuple[str, ...]], dead: set = frozenset()) -> Layout:
+def _layout(
+    name: str, table: Mapping[str, tuple[str, ...]], dead: Set[tuple[str, int]] = frozenset()
+) -> Layout:
     """Build char → strokes; the lowest level wins (Shift+x beats AltGr+y for the same char)."""
     chars: dict[str, tuple[Stroke, ...]] = {
         " ": (SPACE,),
@@ -363,7 +368,7 @@ class TurnTyper:
 # --- the sink ------------------------------------------------------------------------------------
 
 
-class TypingError(RuntimeError):
+class TypingError(StartupError):
     """The virtual keyboard cannot be made (the daemon turns this into a start-up error)."""
 
 
@@ -400,12 +405,12 @@ class TypingSink:
     def emit(self, event: dict) -> None:
         kind = event.get("event")
         turn = (event.get("session_id"), event.get("turn_order"))
-        if kind == "partial":
+        if kind == EventKind.PARTIAL:
             edit = self._typer.partial(turn, str(event.get("text", "")))
-        elif kind == "final":
+        elif kind == EventKind.FINAL:
             edit, missing = self._typer.final(turn, str(event.get("text", "")))
             self._report(missing, event)
-        elif kind == "state" and event.get("state") == "idle":
+        elif kind == EventKind.STATE and event.get("state") == State.IDLE:
             edit = self._typer.abandon()
         else:
             return

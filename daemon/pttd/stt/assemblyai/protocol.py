@@ -1,9 +1,11 @@
-"""AssemblyAI Universal Streaming v3: typed messages, query building, close-code policy.
+"""AssemblyAI Universal Streaming v3 on the wire: server messages in, client messages out.
 
 Pure data and functions (no sockets), so every rule here is tested without a network.
 Reading is lenient (unknown types and fields are tolerated, durations may be int or float);
-sending is conservative (only documented messages, ``speech_model`` always explicit).
-See ../shared/research/assemblyai-v3.md for the sources behind each rule.
+sending is conservative (only documented messages, ``speech_model`` always explicit). The
+messages the controller sees are the seam's vendor-neutral events (``pttd.stt.base``); the rest
+(SpeechStarted, Heartbeat, ...) are AssemblyAI's own. What a close code means is in
+``close_policy``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Any, Union
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pttd.errors import PttdError
+from pttd.stt.base import (
+    Begin,
+    ErrorMessage,
+    SessionConfiguration,
+    Termination,
+    Turn,
+    WarningMessage,
+    Word,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,81 +40,17 @@ MIN_FRAME_MS = 50
 MAX_FRAME_MS = 1000
 
 
-class ProtocolError(ValueError):
+class ProtocolError(PttdError, ValueError):
     """A server message we cannot make sense of (logged; the session carries on)."""
 
 
-# --- server -> client messages -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SessionConfiguration:
-    model: str | None = None
-    mode: str | None = None
-    api_version: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Begin:
-    id: str
-    expires_at: float | None
-    configuration: SessionConfiguration | None = None
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start: int
-    end: int
-    confidence: float = 0.0
-    word_is_final: bool = True
-    speaker: str | None = None
-
-
-@dataclass(frozen=True)
-class Turn:
-    turn_order: int
-    end_of_turn: bool
-    transcript: str
-    turn_is_formatted: bool = False
-    end_of_turn_confidence: float = 0.0
-    words: tuple[Word, ...] = ()
-    utterance: str = ""
-    language_code: str | None = None
-    language_confidence: float | None = None
-    speaker_label: str | None = None
-
-    @property
-    def text(self) -> str:
-        """The turn's text so far: US partials keep non-final words out of ``transcript``."""
-        if self.transcript or self.end_of_turn:
-            return self.transcript
-        return " ".join(w.text for w in self.words)
+# --- server -> client: AssemblyAI's own messages (the neutral ones are pttd.stt.base's) ----------
 
 
 @dataclass(frozen=True)
 class SpeechStarted:
     timestamp: int
     confidence: float | None = None
-
-
-@dataclass(frozen=True)
-class Termination:
-    audio_duration_seconds: float | None = None
-    session_duration_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class ErrorMessage:
-    code: int | None
-    message: str
-
-
-@dataclass(frozen=True)
-class WarningMessage:
-    code: int | None
-    message: str
 
 
 @dataclass(frozen=True)
@@ -130,18 +79,18 @@ class UnknownMessage:
     raw: dict
 
 
-ServerMessage = Union[
-    Begin,
-    Turn,
-    SpeechStarted,
-    Termination,
-    ErrorMessage,
-    WarningMessage,
-    Heartbeat,
-    SpeakerRevision,
-    LLMGatewayResponse,
-    UnknownMessage,
-]
+ServerMessage = (
+    Begin
+    | Turn
+    | SpeechStarted
+    | Termination
+    | ErrorMessage
+    | WarningMessage
+    | Heartbeat
+    | SpeakerRevision
+    | LLMGatewayResponse
+    | UnknownMessage
+)
 
 
 def parse_message(text: str | bytes) -> ServerMessage:
@@ -150,7 +99,7 @@ def parse_message(text: str | bytes) -> ServerMessage:
     as ``1e400`` for a count) raises :class:`ProtocolError` and nothing else."""
     try:
         # strict UTF-8 (json.loads would guess UTF-16/32 from bytes); the frame is not checked
-        # before this (session.py skips websocket-client's slow pure-Python check)
+        # before this (link.py skips websocket-client's slow pure-Python check)
         obj = json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
     except RecursionError:
         raise ProtocolError("server sent JSON nested too deeply") from None
@@ -277,7 +226,7 @@ def _int_or_none(v: Any) -> int | None:
     return None
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict], ServerMessage]] = {
     "Begin": _parse_begin,
     "Turn": _parse_turn,
     "SpeechStarted": lambda o: SpeechStarted(
@@ -370,222 +319,3 @@ def frame_ms(nbytes: int, sample_rate: int) -> float:
 
 def is_u3(speech_model: str) -> bool:
     return speech_model in U3_MODELS
-
-
-# --- close-code policy ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClosePolicy:
-    """What a session end means for the daemon: retry or not, how long to wait, what to say."""
-
-    kind: str  # normal | auth | rate_limited | expired | client_bug | server | transport | idle | config
-    retry: bool
-    backoff_s: float  # first delay before a new session
-    max_backoff_s: float
-    message: str  # what the user is told (never contains the key)
-    bug: bool = False  # pttd sent something it must not: log the evidence
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Jittered exponential backoff for retry number ``attempt`` (0-based)."""
-        if not self.retry:
-            return 0.0
-        base = min(self.max_backoff_s, self.backoff_s * (2 ** max(0, attempt)))
-        return base * (0.75 + 0.5 * (rng or random).random()) if base else 0.0
-
-
-_NORMAL = ClosePolicy("normal", False, 0.0, 0.0, "session ended normally")
-_AUTH = ClosePolicy(
-    "auth",
-    False,
-    0.0,
-    0.0,
-    "AssemblyAI refused the API key or account (1008): check /etc/pttd/api-key "
-    "and the account balance; pttd will not retry until the config changes or "
-    "the button is pressed again",
-)
-_RATE = ClosePolicy(
-    "rate_limited",
-    True,
-    5.0,
-    60.0,
-    "too many new sessions per minute for this account; retrying with backoff",
-)
-_EXPIRED = ClosePolicy(
-    "expired", True, 0.0, 0.0, "session reached its maximum duration; opening a new one"
-)
-_BAD_MESSAGE = ClosePolicy(
-    "client_bug",
-    False,
-    0.0,
-    0.0,
-    "the server rejected a message from pttd (3006): this is a pttd bug, "
-    "please report it with the journal lines around it",
-    bug=True,
-)
-_BAD_AUDIO = ClosePolicy(
-    "client_bug",
-    True,
-    1.0,
-    30.0,
-    "the server rejected pttd's audio frames or pacing (3007): this is a "
-    "pttd bug, please report it",
-    bug=True,
-)
-_SERVER = ClosePolicy("server", True, 1.0, 30.0, "the server cancelled the session; retrying")
-_TRANSPORT = ClosePolicy("transport", True, 0.5, 5.0, "connection to the server lost; reconnecting")
-_IDLE = ClosePolicy("idle", True, 0.0, 0.0, "session closed for inactivity")
-# not a close code: pttd could not even try (a URL websocket-client refuses, say); retrying
-# the same thing cannot help, and it is not the network being down
-CANNOT_OPEN = ClosePolicy(
-    "config", False, 0.0, 0.0, "pttd cannot open a session with this configuration (check stt.url)"
-)
-
-# 1008 on a key that has already opened a session in this process: the node SDK (#97) saw
-# sporadic ones ("Incorrect padding") that were gone on retry, so it gets one quick retry
-AUTH_RETRY_ONCE = ClosePolicy(
-    "auth_retry",
-    True,
-    0.5,
-    2.0,
-    "AssemblyAI refused a key that worked before (1008); retrying once",
-)
-
-
-def http_refusal_policy(status: int) -> ClosePolicy:
-    """An HTTP status other than 101 at the upgrade. 401/403 and 429 are handled as their close
-    codes (1008, 3009); 5xx is the server's trouble (retry); any other 4xx means the request
-    itself is wrong (a parameter, the path): a configuration error, never retried, never taken
-    for the network being down."""
-    if status in (401, 403):
-        return _AUTH
-    if status == 429:
-        return _RATE
-    if status >= 500:
-        return ClosePolicy(
-            "server", True, 1.0, 30.0, f"the server failed the upgrade (HTTP {status}); retrying"
-        )
-    cause = {
-        400: "the server refused a query parameter: check stt.speech_model, "
-        "audio.sample_rate and stt.params",
-        404: "no v3 streaming endpoint at this path: check stt.url (it ends in /v3/ws)",
-        405: "the server refused the request method: check stt.url",
-        410: "this endpoint is gone: check stt.url",
-        426: "the server wants another protocol: check stt.url (wss://)",
-    }.get(status, "the server refused the request: check stt.url and stt.params")
-    return ClosePolicy(
-        "config",
-        False,
-        0.0,
-        0.0,
-        f"HTTP {status} at the upgrade: {cause}; pttd will not retry until "
-        "the button is pressed again",
-    )
-
-
-# code -> policy; reason texts refine 3005 and 1008 (their meaning moved on 2026-02-25).
-CLOSE_POLICIES: dict[int | None, ClosePolicy] = {
-    1000: _NORMAL,
-    1001: _TRANSPORT,
-    1006: _TRANSPORT,
-    1008: _AUTH,
-    1011: _SERVER,
-    1012: _SERVER,
-    1013: _SERVER,
-    3005: _SERVER,
-    3006: _BAD_MESSAGE,
-    3007: _BAD_AUDIO,
-    3008: _EXPIRED,
-    3009: _RATE,
-    # legacy v2 codes, still listed by the SDK
-    4001: _AUTH,
-    4002: _AUTH,
-    4003: _AUTH,
-    4008: _EXPIRED,
-    4029: _BAD_AUDIO,
-    4031: _IDLE,
-    4032: _BAD_AUDIO,
-    4033: _BAD_AUDIO,
-    4100: _BAD_MESSAGE,
-    4101: _BAD_MESSAGE,
-    4102: _RATE,
-    None: _TRANSPORT,  # no close frame at all
-}
-
-
-def policy_for(code: int | None, reason: str = "") -> ClosePolicy:
-    """Classify a session end by close/error code, using the text where the code is ambiguous."""
-    text = (reason or "").lower()
-    if code in (1008, 3005) and "too many concurrent" in text:
-        return _RATE
-    if code == 3005:
-        if "session expired" in text:
-            return _EXPIRED
-        if "input duration" in text or "transmission rate" in text:
-            return _BAD_AUDIO
-        if "invalid" in text:
-            return _BAD_MESSAGE
-    if code in CLOSE_POLICIES:
-        return CLOSE_POLICIES[code]
-    if code is not None and 4000 <= code < 5000:
-        return _SERVER
-    return _TRANSPORT
-
-
-# --- turn assembly -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FinalTurn:
-    """The one final of a turn_order, as delivered."""
-
-    turn: Turn
-    formatted: bool
-
-
-class TurnAssembler:
-    """One final per ``turn_order``, whichever formatting pattern the server uses (research §4.3).
-
-    With ``format_turns`` on, an unformatted end-of-turn message is held for a short grace
-    period in case a formatted copy follows (Pattern A); a formatted one (Pattern B, U3) is
-    delivered at once. Later copies of a delivered turn are dropped.
-    """
-
-    def __init__(self, format_turns: bool, grace_s: float = 1.5):
-        self.format_turns = format_turns
-        self.grace_s = grace_s
-        self._delivered: set[int] = set()
-        self._held: dict[int, tuple[Turn, float]] = {}
-
-    def feed(self, turn: Turn, now: float) -> list[FinalTurn]:
-        """Take one Turn; return the finals that are now due (in turn order)."""
-        out = self._release_older(turn.turn_order)
-        if not turn.end_of_turn or turn.turn_order in self._delivered:
-            return out
-        if turn.turn_is_formatted or not self.format_turns:
-            self._held.pop(turn.turn_order, None)
-            return out + [self._deliver(turn)]
-        self._held.setdefault(turn.turn_order, (turn, now + self.grace_s))
-        return out
-
-    def is_final_pending(self, turn_order: int) -> bool:
-        return turn_order in self._held
-
-    def deadline(self) -> float | None:
-        return min((d for _, d in self._held.values()), default=None)
-
-    def expire(self, now: float) -> list[FinalTurn]:
-        due = sorted(k for k, (_, d) in self._held.items() if d <= now)
-        return [self._deliver(self._held.pop(k)[0]) for k in due]
-
-    def flush(self) -> list[FinalTurn]:
-        """Session ending (Termination, close): deliver whatever is held."""
-        return [self._deliver(self._held.pop(k)[0]) for k in sorted(self._held)]
-
-    def _release_older(self, turn_order: int) -> list[FinalTurn]:
-        older = sorted(k for k in self._held if k < turn_order)
-        return [self._deliver(self._held.pop(k)[0]) for k in older]
-
-    def _deliver(self, turn: Turn) -> FinalTurn:
-        self._delivered.add(turn.turn_order)
-        return FinalTurn(turn=turn, formatted=turn.turn_is_formatted)
