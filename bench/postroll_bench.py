@@ -9,12 +9,16 @@ its first word and released, depending on the case,
     b   150 ms after its last word
     c   during its last word (120 ms before its end)
     d   400 ms after, over white noise at 10 dB and 5 dB SNR (speech RMS over noise RMS)
+    c10 during its last word, over white noise at 10 dB SNR
 
 against the fake v3 server (tests/fakes, a separate process) and the offline engine in grammar
 mode (``url = "local"`` with the phrases: its recognition is reliable there, so a lost last word
 shows). For each case x mode x server it prints release -> ForceEndpoint and release -> final
-(p50/p95; ForceEndpoint from pttd's own debug line, the final's ``latency_ms``) and how many
-finals recognised the phrase's last word. Releases are placed on the mic's clock to ~10 ms.
+(p50/p95; ForceEndpoint from pttd's own debug line, timed from the release command's arrival;
+the final's ``latency_ms``), the post-roll sent (least and most), how many finals recognised the
+phrase's last word, and how many adaptive transcripts differ from the fixed one of the same
+press. Releases are placed on the mic's clock to ~10 ms. The modes run side by side (the same
+presses on the same mic at the same moments), one server after the other.
 
     .venv/bin/python bench/postroll_bench.py [--reps 3] [--servers fake,local] [--modes fixed,adaptive]
 """
@@ -22,17 +26,18 @@ finals recognised the phrase's last word. Releases are placed on the mic's clock
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import wave
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ CASES = {  # name: (release relative to the last word's end in ms, SNR in dB or 
     "c": (-120, None),
     "d10": (400, 10.0),
     "d5": (400, 5.0),
+    "c10": (-120, 10.0),
 }
 LEAD_MS, IDLE_MS, TAIL_MS = 400, 1600, 2600
 FLOOR_DBFS = -62.0  # a quiet MEMS mic's own noise in the clean cases
@@ -125,7 +131,8 @@ journal = false
 class Daemon:
     """``pttd -v run``: events from stdout, ForceEndpoint times from its debug lines."""
 
-    FE = re.compile(r"pttd: (\S+ \S+) DEBUG: press (\d+): ForceEndpoint sent")
+    FE = re.compile(r"press (\d+): ForceEndpoint sent .*?, (-?\d+) ms after the release, "
+                    r"post-roll (-?\d+) ms")
 
     def __init__(self, cfg: Path, sock: Path):
         self.sock = str(sock)
@@ -135,7 +142,7 @@ class Daemon:
             env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "daemon")),
         )
         self.events: queue.Queue = queue.Queue()
-        self.fe_wall: dict[int, float] = {}
+        self.fe: dict[int, tuple[int, int]] = {}  # press id: (release -> FE ms, post-roll ms)
         threading.Thread(target=self._out, daemon=True).start()
         threading.Thread(target=self._err, daemon=True).start()
 
@@ -147,8 +154,7 @@ class Daemon:
         for line in self.proc.stderr:
             m = self.FE.search(line)
             if m:
-                stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-                self.fe_wall[int(m.group(2))] = stamp.timestamp()
+                self.fe[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
 
     def command(self, cmd: str) -> dict:
         from pttd.frontends.control.client import request
@@ -200,12 +206,12 @@ def run(server: str, mode: str, samples, plan, phrases, tmp: Path, fake_url: str
         d.wait_ready()
         origin = mic_origin(d)
         for pid, (text, case, press_ms, release_ms) in enumerate(plan, 1):
+            while not d.events.empty():
+                d.events.get()  # the last press's closing events: each press reads its own
             for at_ms, cmd in ((press_ms, "press"), (release_ms, "release")):
                 delay = origin + at_ms / 1000 - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)  # placing the press on the mic's clock is the point
-                if cmd == "release":
-                    released_wall = time.time()
                 d.command(cmd)
             final = None
             deadline = time.monotonic() + 15
@@ -217,12 +223,14 @@ def run(server: str, mode: str, samples, plan, phrases, tmp: Path, fake_url: str
                 if e.get("press_id") == pid and e["event"] in ("final", "error"):
                     final = e
                     break
+                if e["event"] == "state" and e["state"] == "idle":
+                    break  # ended without a final: nothing recognised (a final comes before)
             time.sleep(0.2)  # the debug line follows the final's hand-off
-            fe = d.fe_wall.get(pid)
+            fe_ms, postroll_ms = d.fe.get(pid, (None, None))
             last_word = text.split()[-1]
             rows.append({
-                "case": case, "text": text,
-                "fe_ms": None if fe is None else (fe - released_wall) * 1000,
+                "case": case, "text": text, "postroll_ms": postroll_ms,
+                "fe_ms": fe_ms,
                 "final_ms": final.get("latency_ms") if final and final["event"] == "final" else None,
                 "heard": (final or {}).get("text", ""),
                 "last_word": bool(final) and last_word in re.findall(r"[a-z]+", final.get("text", "").lower()),
@@ -233,6 +241,7 @@ def run(server: str, mode: str, samples, plan, phrases, tmp: Path, fake_url: str
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: where is it waiting
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--servers", default="fake,local")
@@ -246,35 +255,43 @@ def main() -> int:
     samples, plan = build(clips, cases, args.reps)
     servers, modes = args.servers.split(","), args.modes.split(",")
     print(f"{len(plan)} presses per run ({len(samples) / RATE:.0f} s of mic), "
-          f"{len(servers) * len(modes)} runs side by side; {os.cpu_count()} CPUs")
+          f"{len(modes)} modes side by side, {len(servers)} server(s) in turn; {os.cpu_count()} CPUs")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp, fake_server_process(
-            script=[t for t, _ in clips] * (len(plan) // len(clips) + 1)) as fake_url:
-        threads = []
-        for server in servers:
+            script=[t for t, _ in clips] * (len(plan) * len(modes) // len(clips) + 1)) as fake_url:
+        for server in servers:  # one after the other; its modes side by side
+            threads = []
             for mode in modes:
                 def job(server=server, mode=mode):
                     results[(server, mode)] = run(server, mode, samples, plan, phrases,
                                                   Path(tmp), fake_url)
                 threads.append(threading.Thread(target=job))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     print(f"\n| case | server | mode | release->FE p50/p95 ms | release->final p50/p95 ms | "
-          f"last word recognised |")
-    print("|---|---|---|---|---|---|")
+          f"post-roll sent ms (min-max) | last word recognised | transcript differs from fixed |")
+    print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         for server in servers:
+            fixed = [r for r in results.get((server, "fixed"), [])]
             for mode in modes:
-                rows = [r for r in results.get((server, mode), []) if r["case"] == case]
+                all_rows = results.get((server, mode), [])
+                rows = [r for r in all_rows if r["case"] == case]
                 fe = [r["fe_ms"] for r in rows if r["fe_ms"] is not None]
                 fin = [r["final_ms"] for r in rows if r["final_ms"] is not None]
-                words = sum(r["last_word"] for r in rows)
+                post = [r["postroll_ms"] for r in rows if r["postroll_ms"] is not None]
+                local = server == "local"
+                words = f"{sum(r['last_word'] for r in rows)}/{len(rows)}" if local else "-"
+                differs = "-"
+                if local and mode != "fixed" and len(fixed) == len(all_rows):
+                    pairs = [(r, f) for r, f in zip(all_rows, fixed) if r["case"] == case]
+                    differs = f"{sum(r['heard'] != f['heard'] for r, f in pairs)}/{len(pairs)}"
                 print(f"| {case} | {server} | {mode} | {percentile(fe, 50):.0f} / "
                       f"{percentile(fe, 95):.0f} | {percentile(fin, 50):.0f} / "
                       f"{percentile(fin, 95):.0f} | "
-                      f"{words}/{len(rows) if server == 'local' else '-'} |")
+                      f"{min(post, default=-1)}-{max(post, default=-1)} | {words} | {differs} |")
     return 0
 
 

@@ -37,9 +37,12 @@ def press_and_release(d, press_ms=1500, release_ms=4200):
     return press_pos, release_pos
 
 
+FIXED = 'postroll = "fixed"\n'  # these tests place the post-roll itself; adaptive: below
+
+
 def test_press_release_gives_one_final_with_preroll_and_postroll(fake_v3, daemon_factory):
     srv = fake_v3(script=["hello world"], api_keys={KEY})
-    d, samples = daemon_factory(srv)
+    d, samples = daemon_factory(srv, audio_extra=FIXED)
     assert srv.connection_attempts == 0  # no session before the first press
     press_pos, release_pos = press_and_release(d)
     final = d.wait_event(lambda e: e["event"] == "final")
@@ -84,7 +87,7 @@ def test_release_inside_a_long_capture_period_keeps_the_whole_postroll(fake_v3, 
     """With 500 ms capture periods the newest captured sample is up to 500 ms old at a release;
     the post-roll must still run 300 ms past the release itself, not past that sample."""
     srv = fake_v3(script=["hello world"], api_keys={KEY})
-    d, samples = daemon_factory(srv, audio_extra="period_ms = 500\n")
+    d, samples = daemon_factory(srv, audio_extra="period_ms = 500\n" + FIXED)
     d.wait_audio_ms(1500)
     assert d.command("press") == {"ok": True}
     landed = d.wait_audio_ms(3500)  # a block has just landed (polled every 20 ms)
@@ -106,7 +109,7 @@ def test_release_inside_a_long_capture_period_keeps_the_whole_postroll(fake_v3, 
 
 def test_delayed_begin_loses_no_audio(fake_v3, daemon_factory):
     srv = fake_v3(script=["late begin"], api_keys={KEY}, faults=Faults(begin_delay_s=1.5))
-    d, samples = daemon_factory(srv)
+    d, samples = daemon_factory(srv, audio_extra=FIXED)
     press_pos, release_pos = press_and_release(d, 1500, 4200)
     final = d.wait_event(lambda e: e["event"] == "final", timeout=20)
     assert final["text"] == "Late begin."
@@ -119,6 +122,41 @@ def test_delayed_begin_loses_no_audio(fake_v3, daemon_factory):
     assert start_ms <= press_pos - 400 and end_ms >= release_pos + 250
     code, took = d.stop()
     assert code == 0 and took < 5.0
+
+
+def sent_end_ms(srv, samples) -> int:
+    rec = srv.sessions[0]
+    rec.wait_done(5)
+    audio = b"".join(f.data for f in rec.audio_frames())
+    return (locate(audio, samples) + len(audio) // 2) * 1000 // RATE
+
+
+def test_adaptive_postroll_a_release_after_the_speech_ends_the_stream_at_the_release(
+    fake_v3, daemon_factory
+):
+    """The default post-roll, released 600 ms after the loud stretch ended (4000 ms): the press
+    was over, so the audio ends at the release (rounded up to a legal 50 ms frame at most), not
+    300 ms later, and the final comes that much sooner."""
+    srv = fake_v3(script=["hello world"], api_keys={KEY})
+    d, samples = daemon_factory(srv)
+    _, release_pos = press_and_release(d, 1500, 4600)
+    d.wait_event(lambda e: e["event"] == "final")
+    end_ms = sent_end_ms(srv, samples)
+    # the release lies up to one 100 ms capture block (+ the command's way) after the position
+    # polled; a fixed post-roll would end 300 ms after it
+    assert release_pos <= end_ms <= release_pos + 100 + 50 + 50, (end_ms, release_pos)
+    assert d.stop()[0] == 0
+
+
+def test_adaptive_postroll_speech_at_the_release_keeps_the_whole_postroll(
+    fake_v3, daemon_factory
+):
+    srv = fake_v3(script=["hello world"], api_keys={KEY})
+    d, samples = daemon_factory(srv)
+    _, release_pos = press_and_release(d, 1500, 3900)  # the loud stretch ends at 4000 ms
+    d.wait_event(lambda e: e["event"] == "final")
+    assert sent_end_ms(srv, samples) >= release_pos + 300 - 10
+    assert d.stop()[0] == 0
 
 
 def test_sigterm_mid_turn_skips_postroll_and_delivers(fake_v3, daemon_factory):

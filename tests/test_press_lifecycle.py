@@ -128,6 +128,8 @@ class FakeStreamer:
         self.samples_sent = self.lost_samples = 0
         self.force_endpoint_at: float | None = None
         self.started = self.stopped = self.reported = False
+        self.judge = None
+        self.postroll_reason = ""
         world.streamers.append(self)
 
     @property
@@ -137,8 +139,9 @@ class FakeStreamer:
     def start(self) -> None:
         self.started = True
 
-    def finish(self, end_pos: int) -> int:
+    def finish(self, end_pos: int, judge=None) -> int:
         self._end = max(end_pos, self.start_pos + self.chunk)
+        self.judge = judge  # the adaptive post-roll's: the world may take its earliest end
         return self._end
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -221,9 +224,14 @@ class Harness:
                                else before_begin)
         self.session_event(session, closed)
 
-    def stream_done(self, streamer: FakeStreamer) -> None:
+    def stream_done(self, streamer: FakeStreamer, cut: bool = False) -> None:
+        """``cut``: the adaptive post-roll judged the press over at its release."""
         if not streamer.can_finish:
             return
+        if cut and streamer.judge is not None:
+            streamer._end = max(streamer.start_pos + streamer.chunk,
+                                min(streamer._end, streamer.judge.release))
+            streamer.postroll_reason = "silence before the release"
         streamer.force_endpoint_at = self.clock.now
         streamer.samples_sent = streamer._end - streamer.start_pos
         streamer.cursor = streamer._end
@@ -401,7 +409,7 @@ actions = st.one_of(
               st.lists(st.integers(0, 2 ** 40), max_size=3)),
     st.tuples(st.just("close"), st.integers(0, 5), st.sampled_from(CLOSE_CODES)),
     st.tuples(st.just("answer"), st.sampled_from(["", "hello world", "again"])),
-    st.tuples(st.just("stream_done"), st.integers(0, 5)),
+    st.tuples(st.just("stream_done"), st.integers(0, 5), st.booleans()),
     st.tuples(st.just("stream_failed"), st.integers(0, 5)),
     st.tuples(st.just("break"), st.sampled_from(["factory", "start", "streamer"])),
     st.tuples(st.just("tick"), st.sampled_from([0.01, 0.06, 1.0, 3.0, 11.0, 40.0])),
@@ -449,7 +457,7 @@ def run_action(h: Harness, action: tuple) -> None:
     elif kind == "stream_done":
         st_ = _pick(streamers, action[1])
         if st_ is not None:
-            h.stream_done(st_)
+            h.stream_done(st_, cut=action[2])
     elif kind == "stream_failed":
         st_ = _pick(streamers, action[1])
         if st_ is not None:

@@ -122,3 +122,48 @@ def test_an_end_less_than_a_chunk_from_the_start_still_sends_one_legal_frame(fak
     rec, _, actual = stream(srv, ring, 0, end_pos)
     frames = received_audio(rec)
     assert actual == 800 and frames == [pcm[:1600]]
+
+
+def _released(srv, after_release: np.ndarray, before=np.concatenate([quiet(1500), speech(700)])):
+    """A press streaming live audio is released at the end of ``before``; the adaptive judge
+    decides the end while ``after_release`` arrives period by period (only what it waits for)."""
+    from pttd.core.postroll import PostrollJudge
+
+    ring, _ = filled_ring(quiet(100))
+    postroll = 300 * RATE // 1000
+
+    def live(streamer):
+        block = RATE // 10
+        pcm = before[RATE // 10:]  # the first 100 ms are in the ring already
+        for i in range(0, len(pcm), block):
+            ring.append(pcm[i:i + block].tobytes())
+        release = ring.end
+        judge = PostrollJudge(ring, release, postroll, 250 * RATE // 1000, RATE)
+        streamer.finish(release + postroll, judge)
+        for i in range(0, len(after_release), block):
+            if streamer.end is not None and ring.end >= streamer.end:
+                break  # never more audio than the streamer waits for
+            ring.append(after_release[i:i + block].tobytes())
+        live.release, live.ring = release, ring
+        return None
+
+    rec, done, _ = stream(srv, ring, 0, None, live=live)
+    frames = received_audio(rec)
+    whole = live.ring.read(0, live.ring.end).data
+    assert b"".join(frames) == whole[:done.streamer.end * 2]
+    return live.release, postroll, done.streamer
+
+
+def test_adaptive_a_silent_tail_ends_the_stream_at_the_release(fake_v3):
+    srv = fake_v3(script=["silent tail"], api_keys={KEY})
+    before = np.concatenate([quiet(1500), speech(700), quiet(400)])
+    release, postroll, streamer = _released(srv, quiet(1000), before)
+    assert release <= streamer.end <= release + 800  # the release, or one legal 50 ms frame on
+    assert streamer.postroll_reason == "silence before the release"
+
+
+def test_adaptive_speech_at_the_release_keeps_the_whole_postroll(fake_v3):
+    srv = fake_v3(script=["speech at the release"], api_keys={KEY})
+    release, postroll, streamer = _released(srv, np.concatenate([speech(100), quiet(900)]))
+    assert streamer.end == release + postroll
+    assert streamer.postroll_reason == "speech at the release"

@@ -165,7 +165,16 @@ class AudioConfig:
     preroll_ms: int = _key(500, between(0, 5000))
     """Audio from before the press."""
     postroll_ms: int = _key(300, between(0, 5000))
-    """Audio after the release."""
+    """Audio after the release (at most: see `postroll`)."""
+    postroll: str = _key("adaptive", one_of("adaptive", "fixed"))
+    """`"adaptive"` (an addition to the contract): at the release pttd looks at the audio just
+    before it. Silence for `postroll_silence_ms` (below a noise floor learned from the seconds
+    before, plus 6 dB): the speaker had stopped, the stream ends at the release and the final
+    comes about `postroll_ms` sooner. Speech within 60 ms of the release, or after it: the full
+    `postroll_ms`, always. Speech that stopped shortly before: the post-roll ends once
+    `postroll_silence_ms` of silence follows the last word. `"fixed"`: always `postroll_ms`."""
+    postroll_silence_ms: int = _key(250, between(40, 2000))
+    """How much silence means the speaker has stopped, for the adaptive post-roll."""
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,8 @@ def controller_settings(cfg: Config) -> Settings:
         chunk_ms=a.chunk_ms,
         preroll_ms=a.preroll_ms,
         postroll_ms=a.postroll_ms,
+        postroll=a.postroll,
+        postroll_silence_ms=a.postroll_silence_ms,
         keep_warm_s=stt.keep_warm_s,
         sessions_per_minute=stt.sessions_per_minute,
         session_budget=not cfg.is_local,

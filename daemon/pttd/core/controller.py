@@ -92,6 +92,9 @@ class Settings:
     chunk_ms: int = 50
     preroll_ms: int = 500
     postroll_ms: int = 300
+    # "adaptive": the post-roll ends early when the speaker had stopped (postroll.py)
+    postroll: str = "adaptive"
+    postroll_silence_ms: int = 250
     keep_warm_s: float = 0.0
     # the account's new sessions per minute (budget.py): 0 = learn it; session_budget False
     # for the offline engine (url = "local"), which has no such limit
@@ -356,10 +359,12 @@ class Controller:
     def _release(self, press: Press, at: float) -> None:
         press.released_at = at
         postroll = self.s.postroll_ms * self.s.sample_rate // 1000
-        press.end_pos = self.ring.position_at(at) + postroll
+        press.release_pos = self.ring.position_at(at)
+        press.end_pos = press.release_pos + postroll
         if press.phase is PressPhase.STREAMING:
             assert press.streamer is not None
-            press.end_pos = press.streamer.finish(press.end_pos)
+            judge = self._sessions.postroll_judge(press)
+            press.end_pos = press.streamer.finish(press.end_pos, judge)
             press.move(PressPhase.FINALIZING, self._sessions.send_deadline(press))
 
     # --- what a session reports ------------------------------------------------------------

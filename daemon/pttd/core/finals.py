@@ -87,13 +87,16 @@ class Finals:
 
     def _force_endpoint_sent(self, press: Press, streamer: Streamer) -> None:
         """The press's audio and ForceEndpoint are on the wire: wait (bounded) for its final."""
-        log.debug(
-            "press %d: ForceEndpoint sent on %s after %d samples",
-            press.press_id,
-            press.session.name if press.session else "?",
-            streamer.samples_sent,
-        )
         assert streamer.end is not None
+        press.end_pos = streamer.end  # where it ended: the adaptive post-roll may have cut it
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "press %d: ForceEndpoint sent on %s after %d samples, %s",
+                press.press_id,
+                press.session.name if press.session else "?",
+                streamer.samples_sent,
+                self._postroll_said(press, streamer),
+            )
         press.lost_samples += streamer.lost_samples
         press.audio_ms = (streamer.end - press.start_pos) * 1000 / self.s.sample_rate
         press.fe_sent_at = streamer.force_endpoint_at
@@ -105,6 +108,16 @@ class Finals:
         sure_empty = nothing_pending and press.attempts <= 1 and press.replay_pos is None
         wait = self.s.empty_final_timeout_s if sure_empty else self.s.final_timeout_s
         press.deadline = self._clock() + wait  # still FINALIZING: now waiting for the final
+
+    def _postroll_said(self, press: Press, streamer: Streamer) -> str:
+        """The release -> ForceEndpoint figures for the debug log (bench/postroll_bench.py)."""
+        if press.release_pos is None or press.released_at is None:
+            return "no release"
+        rate = self.s.sample_rate
+        fe_ms = ((streamer.force_endpoint_at or self._clock()) - press.released_at) * 1000
+        postroll_ms = (press.end_pos or 0) - press.release_pos
+        why = f" ({streamer.postroll_reason})" if streamer.postroll_reason else ""
+        return f"{fe_ms:.0f} ms after the release, post-roll {postroll_ms * 1000 // rate} ms{why}"
 
     def on_final(self, press: Press | None, session: SttSession, final: FinalTurn) -> None:
         turn = final.turn

@@ -76,7 +76,8 @@ class Press:
     outcome: Outcome | None = None  # set once, on the move to ENDED (see late_final)
     ended_at: float | None = None
     released_at: float | None = None
-    end_pos: int | None = None  # requested end (release + post-roll)
+    release_pos: int | None = None  # ring position of the release
+    end_pos: int | None = None  # requested end (release + post-roll); where it ended once sent
     session: SttSession | None = None  # its session (cloud or the local engine's) while one is open
     streamer: Streamer | None = None
     stream_base_ms: float = 0.0  # session stream time at this press's first sample

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pttd import events
 from pttd.core.budget import SessionBudget
+from pttd.core.postroll import PostrollJudge
 from pttd.core.press import Outcome, Press, PressPhase
 from pttd.core.streamer import Streamer
 from pttd.stt.assemblyai import protocol
@@ -235,7 +236,7 @@ class PressSessions:
             )
             press.streamer = streamer
             if press.end_pos is not None:
-                press.end_pos = streamer.finish(press.end_pos)
+                press.end_pos = streamer.finish(press.end_pos, self.postroll_judge(press))
             streamer.start()
         except Exception as exc:  # no thread to be had: the press fails like a broken stream
             log.exception("press %d: cannot start streaming", press.press_id)
@@ -249,6 +250,26 @@ class PressSessions:
             press.move(PressPhase.STREAMING, self._clock() + self.s.max_press_s)
         else:
             press.move(PressPhase.FINALIZING, self.send_deadline(press))
+
+    def postroll_judge(self, press: Press) -> PostrollJudge | None:
+        """The adaptive post-roll's judge for a press's first stream from the ring; a replay or
+        a press sent from its saved audio keeps the post-roll it asked for (nobody waits)."""
+        s = self.s
+        if (
+            s.postroll != "adaptive"
+            or s.postroll_ms <= 0
+            or press.release_pos is None
+            or press.replay_pos is not None
+            or press.audio is not None
+        ):
+            return None
+        return PostrollJudge(
+            self.ring,
+            press.release_pos,
+            s.postroll_ms * s.sample_rate // 1000,
+            s.postroll_silence_ms * s.sample_rate // 1000,
+            s.sample_rate,
+        )
 
     def send_deadline(self, press: Press) -> float:
         """When the rest of a released press's audio and its ForceEndpoint must be on the wire:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pttd.core.postroll import PostrollJudge
 from pttd.stt.assemblyai.protocol import MAX_FRAME_MS, MIN_FRAME_MS, frame_samples
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Streamer:
         self._max_frame = MAX_FRAME_MS * sample_rate // 1000
         self._post = post
         self._end: int | None = None
+        self._judge: PostrollJudge | None = None  # an adaptive post-roll, until it has decided
+        self.postroll_reason = ""  # what the judge decided on (for the log)
         self._lock = threading.Lock()  # _end and _claimed: finish() vs. the frames being sent
         self._claimed = start_pos  # where the frames on their way to the wire end
         self._stop = threading.Event()
@@ -88,20 +91,39 @@ class Streamer:
     def start(self) -> None:
         self._thread.start()
 
-    def finish(self, end_pos: int) -> int:
+    def finish(self, end_pos: int, judge: PostrollJudge | None = None) -> int:
         """Stream up to ``end_pos``; returns the actual end.
 
         That is ``end_pos`` itself, unless less than one chunk would be left after the frames
         already on their way (a legal frame is at least 50 ms): then one whole chunk past them.
+        With a ``judge`` (the adaptive post-roll) the streamer may end earlier, where the judge
+        decides, once the audio it needs is captured; ``end`` then says where it did.
         """
         with self._lock:
-            base = self._claimed
-            end = max(end_pos, base)
-            if end - base < self.chunk and (end > base or base == self.start_pos):
-                end = base + self.chunk
-            self._end = end
+            end = self._legal_end(end_pos)
+            self._end, self._judge = end, judge
         self.ring.wake()
         return end
+
+    def _legal_end(self, end_pos: int) -> int:
+        base = self._claimed
+        end = max(end_pos, base)
+        if end - base < self.chunk and (end > base or base == self.start_pos):
+            end = base + self.chunk
+        return end
+
+    def _judge_end(self) -> None:
+        """Let the post-roll judge move the end earlier once it has decided (this thread only)."""
+        judge = self._judge
+        if judge is None:
+            return
+        decided = judge.update()  # reads the ring: outside the lock
+        if decided is None:
+            return
+        with self._lock:
+            if self._judge is judge and self._end is not None:
+                self._end = min(self._end, self._legal_end(decided))
+                self._judge, self.postroll_reason = None, judge.reason
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
@@ -118,6 +140,7 @@ class Streamer:
 
     def _stream(self) -> None:
         while not self._stop.is_set():
+            self._judge_end()  # before the frames: the last one must carry the ForceEndpoint
             allowed = self._frames_allowed()
             if allowed == 0:  # a backlog is going out: keep within max_lead_s of real time
                 self._stop.wait(self._lead() - self.max_lead_s)
@@ -156,10 +179,13 @@ class Streamer:
         return sizes
 
     def _needed(self, end: int | None) -> int:
-        """The ring position the next frame waits for."""
+        """The ring position the next frame, or the post-roll judge, waits for."""
         if end is None or end - self.cursor >= 2 * self.chunk:
-            return self.cursor + self.chunk
-        return end
+            needed = self.cursor + self.chunk
+        else:
+            needed = end
+        judge = self._judge
+        return needed if judge is None else min(needed, judge.needed())
 
     def _lead(self) -> float:
         """How far ahead of real time the audio sent is (0 before the first frame)."""
