@@ -40,8 +40,9 @@ sends ForceEndpoint and waits for that turn's final. Figures:
   returning. The same as send lateness for the pacing loops (one frame per wake-up); for pttd it
   adds the capture period's buffering (``--period-ms``: the first 50 ms frame of a 100 ms period
   waits 50 ms for the period to end, as with an ALSA mic's 100 ms periods).
-* release -> ForceEndpoint (pttd): "raw" = from release + post-roll; "own" = from the later of
-  that and the moment the last post-roll sample was captured (pipeline_bench's two figures).
+* release -> ForceEndpoint (pttd): "raw" = from the deadline of the stream's last sample (the
+  release plus the post-roll the adaptive judge kept: at most ``POSTROLL_MS``); "own" = from the
+  later of that and the moment that sample was captured (pipeline_bench's two figures).
   The others: from the last frame's deadline to ForceEndpoint on the wire (one per run).
 * Turn -> delivered: the server sending a turn's formatted end-of-turn Turn to the client
   handing over the final: pttd = the final line written to stdout; SDK = its Turn handler
@@ -391,7 +392,7 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
     from pttd.stt.assemblyai import link, session
     from pttd.core import streamer
 
-    notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "press": [],
+    notes = {"appends": [], "sends": [], "rx": [], "ended": [], "streamers": [], "finish": [], "judged": [], "press": [],
              "release": [], "finals": [], "ctl": [], "emitted": [],
              "wav_t0": None}
 
@@ -484,7 +485,16 @@ def child_pttd(config: str, out_path: str, t0_path: str) -> int:
         notes["finish"].append([time.monotonic(), end, self.start_pos])
         return end
 
+    st_judge = streamer.Streamer._judge_end
+
+    def judge_end(self):  # the adaptive post-roll may move the end earlier: note where it did
+        before = self._end
+        st_judge(self)
+        if self._end != before:
+            notes["judged"].append([time.monotonic(), self._end, self.start_pos])
+
     streamer.Streamer.__init__, streamer.Streamer.finish = init, finish
+    streamer.Streamer._judge_end = judge_end
 
     press, release = controller.Controller._press, controller.Controller._release
 
@@ -786,7 +796,13 @@ journal = {"true" if jd is not None else "false"}
     for t, wid, op, size in n["sends"]:
         if wid not in ws_ids:
             ws_ids.append(wid)
-    first = [s for s in n["sends"] if s[1] == ws_ids[0] and s[2] == 2 and s[3] == FRAME_SAMPLES * 2]
+    # one ForceEndpoint per press, in order: a press may reuse the session the one before kept
+    # warm, so they are matched to presses by time, not by session
+    fe_all = sorted(t for s in sessions for t in s["fe"])
+    # press 1's frames: on the first socket, before press 1's ForceEndpoint (a warm session
+    # carries the next press's frames on the same socket)
+    first = [s for s in n["sends"] if s[1] == ws_ids[0] and s[2] == 2 and s[3] == FRAME_SAMPLES * 2
+             and s[0] < fe_all[0]]
     st_t, start_pos = n["streamers"][0]
     lat, age, lat_t, backlog = [], [], [], 0
     period = RATE * PERIOD_MS // 1000
@@ -803,21 +819,21 @@ journal = {"true" if jd is not None else "false"}
     lat_t = [t - lat_t[0] for t in lat_t]
     capture_late = [(t - (n["wav_t0"] + end / RATE)) * 1000 for t, end in n["appends"]]
 
-    # release -> ForceEndpoint on the wire, per press (one session per press, in order)
+    # release -> ForceEndpoint on the wire, per press (its streamer's end; FEs matched above)
     appends = n["appends"]
     fe_raw, fe_own = [], []
     finish_of, seen = [], set()
+    judged = {start: end for _, end, start in n.get("judged", [])}  # the end the judge chose
     for _, end, start in n["finish"]:   # one end per press (by its streamer's start)
         if start not in seen:
             seen.add(start)
-            finish_of.append(end)
-    for k, (t_rel, sess) in enumerate(zip(rel_sent, sessions)):
-        if not sess["fe"]:
-            continue
-        fe = sess["fe"][0]
-        end = finish_of[k]
+            finish_of.append(judged.get(start, end))
+    if not len(fe_all) == len(finish_of) == len(rel_sent):
+        print(f"compare_sdk: {len(rel_sent)} presses, {len(finish_of)} streams ended, "
+              f"{len(fe_all)} ForceEndpoints: release -> FE figures are unmatched", flush=True)
+    for fe, end in zip(fe_all, finish_of):
         t_avail = next((t for t, e in appends if e >= end), fe)
-        fe_raw.append((fe - (t_rel + POSTROLL_MS / 1000)) * 1000)
+        fe_raw.append((fe - (n["wav_t0"] + end / RATE)) * 1000)
         fe_own.append((fe - t_avail) * 1000)
 
     eot = {(s["session_id"], x[1]): x[0] for s in sessions for x in s["eot"] if x[2]}

@@ -21,11 +21,19 @@ import wave
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pttd.audio.ring import RingBuffer
-from pttd.core.postroll import EDGE_MS, FRAME_MS, MIN_FLOOR_FRAMES, PostrollJudge
+from pttd.core.postroll import (
+    EDGE_MS,
+    FLOOR_MS,
+    FRAME_MS,
+    MIN_FLOOR_FRAMES,
+    PostrollJudge,
+    frame_levels,
+    speech_threshold,
+)
 
 RATE = 16000
 MS = RATE // 1000
@@ -128,6 +136,32 @@ def test_lost_audio_at_the_release_keeps_the_full_postroll():
     ring.append(np.zeros(3 * RATE, "<i2").tobytes())
     judge = PostrollJudge(ring, RATE // 2, 300 * MS, 250 * MS, RATE)
     assert judge.update() == RATE // 2 + 300 * MS
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before_ms=st.integers(0, 6000),
+    release_ms=st.integers(300, 6000),
+    capacity_s=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_the_floor_read_in_pieces_is_the_floor_of_the_whole_window(
+    before_ms, release_ms, capacity_s, seed
+):
+    """The judge reads the FLOOR_MS window a piece at a time (memory); the threshold it learns
+    is the one the whole window gives, whatever the ring holds of it (wrapped, clipped, short)."""
+    rng = np.random.default_rng(seed)
+    total = (before_ms + release_ms) * MS
+    samples = (rng.standard_normal(total) * rng.uniform(10, 3000)).astype("<i2")
+    ring = RingBuffer(capacity_s * RATE, RATE)
+    ring.append(samples.tobytes())
+    release = max(0, total - 200 * MS)
+    judge = PostrollJudge(ring, release, 300 * MS, 250 * MS, RATE)
+    start = judge._judged
+    assume(start <= ring.end)
+    first = max(ring.start, start - FLOOR_MS * MS)
+    whole = speech_threshold(frame_levels(ring.read(first, start - first).data, FRAME_MS * MS))
+    assert judge._learn_floor() == whole
 
 
 def clips() -> list[tuple[str, np.ndarray]]:

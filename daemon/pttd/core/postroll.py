@@ -38,6 +38,7 @@ EDGE_MS = 150
 # least (minimum statistics: speech does not go on for 4 s without one). A floor too low only
 # costs the saving: more frames count as speech
 FLOOR_MS = 4000
+FLOOR_PIECE_FRAMES = 25  # read 0.5 s of it at a time
 MIN_FLOOR_FRAMES = 50  # less than 1 s to learn from (a gap between words is not sure): unsure
 MARGIN_DB = 6.0
 # mean square of 16-bit samples under which a frame is silence on any mic (-60 dBFS RMS)
@@ -114,10 +115,19 @@ class PostrollJudge:
         return self.end
 
     def _learn_floor(self) -> float | None:
+        # in pieces of whole frames: the transient copies stay at 0.5 s of audio instead of 4 s
+        # (bytes, array and slices); the frames and their levels are the same either way
         start = self._judged
-        first = max(self.ring.start, start - self._floor_samples)
-        result = self.ring.read(first, start - first)
-        return speech_threshold(frame_levels(result.data, self.frame))
+        pos = max(self.ring.start, start - self._floor_samples)
+        levels: list[float] = []
+        while pos + self.frame <= start:
+            result = self.ring.read(pos, min(FLOOR_PIECE_FRAMES * self.frame, start - pos))
+            whole = (result.next_pos - result.pos) // self.frame * self.frame
+            if whole == 0:
+                break  # not captured (cannot happen: update waits for the ring to reach start)
+            levels += frame_levels(result.data, self.frame)
+            pos = result.pos + whole
+        return speech_threshold(levels)
 
     def _judge_frame(self) -> None:
         pos = self._judged
