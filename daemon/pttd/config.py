@@ -170,7 +170,7 @@ class AudioConfig:
     """`"adaptive"` (an addition to the contract): at the release pttd looks at the audio just
     before it. Silence for `postroll_silence_ms` (below a noise floor learned from the seconds
     before, plus 6 dB): the speaker had stopped, the stream ends at the release and the final
-    comes about `postroll_ms` sooner. Speech within 60 ms of the release, or after it: the full
+    comes about `postroll_ms` sooner. Speech within 150 ms of the release, or after it: the full
     `postroll_ms`, always. Speech that stopped shortly before: the post-roll ends once
     `postroll_silence_ms` of silence follows the last word. `"fixed"`: always `postroll_ms`."""
     postroll_silence_ms: int = _key(250, between(40, 2000))

@@ -115,9 +115,9 @@ class Finals:
             return "no release"
         rate = self.s.sample_rate
         fe_ms = ((streamer.force_endpoint_at or self._clock()) - press.released_at) * 1000
-        postroll_ms = (press.end_pos or 0) - press.release_pos
+        postroll = (press.end_pos or 0) - press.release_pos  # samples
         why = f" ({streamer.postroll_reason})" if streamer.postroll_reason else ""
-        return f"{fe_ms:.0f} ms after the release, post-roll {postroll_ms * 1000 // rate} ms{why}"
+        return f"{fe_ms:.0f} ms after the release, post-roll {postroll * 1000 // rate} ms{why}"
 
     def on_final(self, press: Press | None, session: SttSession, final: FinalTurn) -> None:
         turn = final.turn
